@@ -1,0 +1,31 @@
+# `make test` is the one test command: README, CI (.ci/run) and developers use it.
+# It installs what the integration tests need (moto_server in a local
+# virtualenv, pinned) and then runs every test.
+
+MOTO_VERSION := 5.2.1
+VENV := .venv
+PYTHON ?= python3
+CARGO ?= cargo
+
+.PHONY: test venv lint fmt clean-venv
+
+test: venv
+	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server $(CARGO) test --all-targets
+
+# Re-created when the pin changes; the stamp file names the pinned version.
+venv: $(VENV)/.moto-$(MOTO_VERSION)
+
+$(VENV)/.moto-$(MOTO_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'moto[server]==$(MOTO_VERSION)'
+	touch $@
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-venv:
+	rm -rf $(VENV)

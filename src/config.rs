@@ -1,0 +1,792 @@
+//! Configuration: typed, layered, validated at start-up.
+//!
+//! Layers, later ones win: the defaults embedded from
+//! `config/inferstream.toml`, the user's file, then environment variables
+//! `INFERSTREAM__SECTION__KEY`. Unknown keys are errors. [`Config::validate`]
+//! reports every problem at once, each naming its key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The defaults, embedded in the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/inferstream.toml");
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "INFERSTREAM__";
+
+/// The largest request body SageMaker accepts.
+pub const SAGEMAKER_MAX_BODY: u64 = 6 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub aws: AwsConfig,
+    pub filter: FilterConfig,
+    pub fetch: FetchConfig,
+    pub batch: BatchConfig,
+    pub endpoint: EndpointConfig,
+    pub route: RouteConfig,
+    pub alerts: AlertsConfig,
+    pub pipeline: PipelineConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated.
+    pub brokers: String,
+    /// Consumer group id.
+    pub group_id: String,
+    /// Topic carrying S3 notifications.
+    pub input_topic: String,
+    /// Confident predictions.
+    pub results_topic: String,
+    /// Low-confidence predictions.
+    pub review_topic: String,
+    /// Input that cannot be classified.
+    pub dead_letter_topic: String,
+    /// How often completed offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Consumer group session timeout.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Consumer group heartbeat interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// "earliest" or "latest".
+    pub auto_offset_reset: OffsetReset,
+    /// How long a revocation waits for in-flight work of revoked partitions.
+    #[serde(with = "humantime_serde")]
+    pub revoke_drain_timeout: Duration,
+    /// Extra librdkafka properties for the consumer and the producer.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the consumer only.
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the producer only.
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region; empty means the standard chain.
+    pub region: String,
+    pub s3: S3Config,
+    pub sagemaker: ServiceEndpoint,
+    pub sns: ServiceEndpoint,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Custom endpoint; empty means AWS.
+    pub endpoint_url: String,
+    /// Bucket in the path instead of the host name.
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    /// Custom endpoint; empty means AWS.
+    pub endpoint_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Buckets allowed; empty allows all.
+    pub allowed_buckets: Vec<String>,
+    /// Key prefixes processed; empty allows all.
+    pub key_prefixes: Vec<String>,
+    /// Key suffixes processed (case-insensitive); empty allows all.
+    pub key_suffixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Concurrent GetObject calls.
+    pub concurrency: usize,
+    /// Objects larger than this are dead-lettered unread.
+    pub max_object_bytes: u64,
+    /// Deadline of one GetObject including its body.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts on retryable errors.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Images per batch at most.
+    pub max_images: usize,
+    /// Image bytes per batch at most.
+    pub max_bytes: u64,
+    /// How long a partial batch waits.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequestMode {
+    /// One InvokeEndpoint per image, body = image bytes.
+    PerImage,
+    /// One InvokeEndpoint per batch, JSON instances.
+    Batch,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// SageMaker endpoint name.
+    pub name: String,
+    /// Target production variant; empty lets SageMaker choose.
+    pub variant: String,
+    /// Request mode.
+    pub mode: RequestMode,
+    /// Content-Type of per-image requests, or "auto".
+    pub content_type: String,
+    /// Class labels in the order of the model's output.
+    pub labels: Vec<String>,
+    /// Concurrent calls.
+    pub concurrency: usize,
+    /// Deadline of one call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts on retryable errors.
+    pub max_attempts: u32,
+    /// First backoff.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Largest backoff.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Accept at or above this confidence.
+    pub threshold: f64,
+    /// Per-label overrides.
+    #[serde(default)]
+    pub label_thresholds: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Publish SNS alerts for review predictions.
+    pub enabled: bool,
+    /// SNS topic ARN.
+    pub topic_arn: String,
+    /// Publish attempts before `alert_failed`.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Images in flight at most.
+    pub max_in_flight: usize,
+    /// Drain deadline on SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address of the metrics and health server.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: LogFormat,
+    /// EnvFilter directive.
+    pub level: String,
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("configuration is invalid: {0}")]
+    Shape(String),
+    #[error("configuration is invalid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Defaults, then `path` if given, then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value = parse_toml("<embedded defaults>", DEFAULT_TOML)?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let user = parse_toml(&path.display().to_string(), &text)?;
+            merge(&mut value, user);
+        }
+        apply_env(&mut value, env)?;
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a complete TOML text layered on the defaults (no environment).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let mut value = parse_toml("<embedded defaults>", DEFAULT_TOML)?;
+        merge(&mut value, parse_toml("<string>", text)?);
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem at once, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |key: &str, problem: String| errors.push(format!("{key}: {problem}"));
+
+        let k = &self.kafka;
+        if k.brokers.split(',').all(|b| b.trim().is_empty()) {
+            err(
+                "kafka.brokers",
+                "is empty; give host:port[,host:port]".into(),
+            );
+        }
+        if k.group_id.trim().is_empty() {
+            err("kafka.group_id", "is empty".into());
+        }
+        let topics = [
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.results_topic", &k.results_topic),
+            ("kafka.review_topic", &k.review_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+        ];
+        for (key, topic) in topics {
+            if topic.trim().is_empty() {
+                err(key, "is empty".into());
+            }
+        }
+        for (key, topic) in &topics[1..] {
+            if *topic == &k.input_topic {
+                err(
+                    key,
+                    format!("is the input topic `{topic}`; outputs would be consumed again"),
+                );
+            }
+        }
+        if k.commit_interval.is_zero() {
+            err("kafka.commit_interval", "must be above zero".into());
+        }
+        if k.heartbeat_interval >= k.session_timeout {
+            err(
+                "kafka.heartbeat_interval",
+                format!(
+                    "({}) must be below kafka.session_timeout ({})",
+                    humantime::format_duration(k.heartbeat_interval),
+                    humantime::format_duration(k.session_timeout)
+                ),
+            );
+        }
+        let tables = [
+            ("kafka.properties", &k.properties),
+            ("kafka.consumer_properties", &k.consumer_properties),
+            ("kafka.producer_properties", &k.producer_properties),
+        ];
+        for (table, key) in tables
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |k| (*t, k)))
+        {
+            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+                err(
+                    &format!("{table}.\"{key}\""),
+                    "is managed by inferstream (offsets are stored only after outputs are durable); remove it".into(),
+                );
+            }
+        }
+
+        for (key, url) in [
+            ("aws.s3.endpoint_url", &self.aws.s3.endpoint_url),
+            (
+                "aws.sagemaker.endpoint_url",
+                &self.aws.sagemaker.endpoint_url,
+            ),
+            ("aws.sns.endpoint_url", &self.aws.sns.endpoint_url),
+        ] {
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+                err(
+                    key,
+                    format!("`{url}` is not an http:// or https:// URL; leave it empty for AWS"),
+                );
+            }
+        }
+
+        if self.fetch.concurrency == 0 {
+            err("fetch.concurrency", "must be at least 1".into());
+        }
+        if self.fetch.max_object_bytes == 0 {
+            err("fetch.max_object_bytes", "must be above zero".into());
+        }
+        if self.endpoint.mode == RequestMode::PerImage
+            && self.fetch.max_object_bytes > SAGEMAKER_MAX_BODY
+        {
+            err(
+                "fetch.max_object_bytes",
+                format!(
+                    "{} is above the 6 MiB ({SAGEMAKER_MAX_BODY}) SageMaker request limit",
+                    self.fetch.max_object_bytes
+                ),
+            );
+        }
+        if self.fetch.max_attempts == 0 {
+            err("fetch.max_attempts", "must be at least 1".into());
+        }
+        if self.fetch.timeout.is_zero() {
+            err("fetch.timeout", "must be above zero".into());
+        }
+
+        if self.batch.max_images == 0 {
+            err("batch.max_images", "must be at least 1".into());
+        }
+        if self.batch.max_bytes == 0 {
+            err("batch.max_bytes", "must be above zero".into());
+        }
+        if self.endpoint.mode == RequestMode::Batch
+            && self.batch.max_bytes * 4 / 3 > SAGEMAKER_MAX_BODY
+        {
+            err(
+                "batch.max_bytes",
+                format!(
+                    "{} base64-encoded exceeds the 6 MiB SageMaker request limit; use at most {}",
+                    self.batch.max_bytes,
+                    SAGEMAKER_MAX_BODY * 3 / 4 - 64 * 1024
+                ),
+            );
+        }
+
+        let e = &self.endpoint;
+        if e.name.trim().is_empty() {
+            err("endpoint.name", "is empty".into());
+        }
+        if e.labels.is_empty() {
+            err(
+                "endpoint.labels",
+                "is empty; list the model's classes in output order".into(),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for label in &e.labels {
+            if label.trim().is_empty() {
+                err("endpoint.labels", "contains an empty label".into());
+            } else if !seen.insert(label) {
+                err("endpoint.labels", format!("label `{label}` appears twice"));
+            }
+        }
+        if e.concurrency == 0 {
+            err("endpoint.concurrency", "must be at least 1".into());
+        }
+        if e.max_attempts == 0 {
+            err("endpoint.max_attempts", "must be at least 1".into());
+        }
+        if e.timeout.is_zero() {
+            err("endpoint.timeout", "must be above zero".into());
+        }
+        if e.backoff_initial > e.backoff_max {
+            err(
+                "endpoint.backoff_initial",
+                "must not exceed endpoint.backoff_max".into(),
+            );
+        }
+        if e.content_type.trim().is_empty() {
+            err(
+                "endpoint.content_type",
+                "is empty; use application/x-image or auto".into(),
+            );
+        }
+
+        if !(0.0..=1.0).contains(&self.route.threshold) {
+            err(
+                "route.threshold",
+                format!("{} is outside 0..=1", self.route.threshold),
+            );
+        }
+        for (label, t) in &self.route.label_thresholds {
+            let key = format!("route.label_thresholds.{label}");
+            if !(0.0..=1.0).contains(t) {
+                err(&key, format!("{t} is outside 0..=1"));
+            }
+            if !e.labels.contains(label) {
+                err(
+                    &key,
+                    format!("`{label}` is not one of endpoint.labels {:?}", e.labels),
+                );
+            }
+        }
+
+        if self.alerts.enabled && !self.alerts.topic_arn.starts_with("arn:") {
+            err(
+                "alerts.topic_arn",
+                if self.alerts.topic_arn.is_empty() {
+                    "is empty; set your SNS topic ARN or set alerts.enabled = false".into()
+                } else {
+                    format!(
+                        "`{}` is not an ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
+                        self.alerts.topic_arn
+                    )
+                },
+            );
+        }
+        if self.alerts.max_attempts == 0 {
+            err("alerts.max_attempts", "must be at least 1".into());
+        }
+
+        if self.pipeline.max_in_flight == 0 {
+            err("pipeline.max_in_flight", "must be at least 1".into());
+        }
+        if self.metrics.listen.parse::<SocketAddr>().is_err() {
+            err(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9898",
+                    self.metrics.listen
+                ),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            err(
+                "log.level",
+                format!(
+                    "`{}` is not a valid filter (e.g. info, inferstream=debug)",
+                    self.log.level
+                ),
+            );
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The metrics listen address (validated).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9898)))
+    }
+
+    /// The threshold that applies to `label`.
+    pub fn threshold_for(&self, label: &str) -> f64 {
+        self.route
+            .label_thresholds
+            .get(label)
+            .copied()
+            .unwrap_or(self.route.threshold)
+    }
+
+    /// The effective configuration as TOML with secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        let k = &mut copy.kafka;
+        for table in [
+            &mut k.properties,
+            &mut k.consumer_properties,
+            &mut k.producer_properties,
+        ] {
+            for (key, value) in table.iter_mut() {
+                if is_secret_key(key) {
+                    *value = REDACTED.to_string();
+                }
+            }
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted_toml())
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// librdkafka properties inferstream sets itself for its delivery guarantee.
+pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "enable.partition.eof",
+];
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "key.pem",
+        "ssl.key",
+        "token",
+        "jaas",
+        "sasl.oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+fn parse_toml(origin: &str, text: &str) -> Result<toml::Value, ConfigError> {
+    text.parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// Deep merge: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn apply_env(
+    value: &mut toml::Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Shape(format!(
+                "environment variable {name} has an empty path segment; use INFERSTREAM__SECTION__KEY"
+            )));
+        }
+        let mut path = path;
+        // librdkafka property names use dots, which environment names cannot.
+        if path.len() == 3 && path[0] == "kafka" && path[1].ends_with("properties") {
+            path[2] = path[2].replace('_', ".");
+        }
+        let parsed = parse_env_value(&raw, path.len() == 3 && path[1].ends_with("properties"));
+        let mut cursor = &mut *value;
+        for (i, segment) in path.iter().enumerate() {
+            let table = cursor.as_table_mut().ok_or_else(|| {
+                ConfigError::Shape(format!(
+                    "environment variable {name}: `{}` is not a section",
+                    path[..i].join(".")
+                ))
+            })?;
+            if i + 1 == path.len() {
+                table.insert(segment.clone(), parsed.clone());
+                break;
+            }
+            cursor = table
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str, always_string: bool) -> toml::Value {
+    if always_string {
+        return toml::Value::String(raw.to_string());
+    }
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_env() -> Vec<(String, String)> {
+        vec![(
+            "INFERSTREAM__ALERTS__TOPIC_ARN".into(),
+            "arn:aws:sns:us-east-1:123456789012:alerts".into(),
+        )]
+    }
+
+    #[test]
+    fn embedded_defaults_need_only_an_alert_topic() {
+        let err = Config::load_with_env(None, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alerts.topic_arn: is empty"), "{err}");
+        let cfg = Config::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(cfg.kafka.input_topic, "s3-events");
+        assert_eq!(cfg.route.threshold, 0.93);
+        assert_eq!(cfg.endpoint.labels, vec!["bicycle", "motorcycle"]);
+        assert_eq!(cfg.batch.max_wait, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn environment_overrides_typed_values_and_kafka_properties() {
+        let mut env = valid_env();
+        env.push(("INFERSTREAM__ROUTE__THRESHOLD".into(), "0.5".into()));
+        env.push(("INFERSTREAM__KAFKA__BROKERS".into(), "a:1,b:2".into()));
+        env.push(("INFERSTREAM__KAFKA__GROUP_ID".into(), "\"42\"".into()));
+        env.push((
+            "INFERSTREAM__ENDPOINT__LABELS".into(),
+            "[\"cat\", \"dog\", \"emu\"]".into(),
+        ));
+        env.push((
+            "INFERSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD".into(),
+            "hunter2".into(),
+        ));
+        env.push(("INFERSTREAM__BATCH__MAX_WAIT".into(), "2s".into()));
+        env.push(("OTHER".into(), "ignored".into()));
+        let cfg = Config::load_with_env(None, env).unwrap();
+        assert_eq!(cfg.route.threshold, 0.5);
+        assert_eq!(cfg.kafka.brokers, "a:1,b:2");
+        assert_eq!(cfg.kafka.group_id, "42");
+        assert_eq!(cfg.endpoint.labels.len(), 3);
+        assert_eq!(cfg.batch.max_wait, Duration::from_secs(2));
+        assert_eq!(cfg.kafka.properties["sasl.password"], "hunter2");
+        let shown = cfg.redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [kafka]
+            results_topic = "s3-events"
+            [route]
+            threshold = 1.5
+            [route.label_thresholds]
+            cat = 0.5
+            [batch]
+            max_images = 0
+            [metrics]
+            listen = "nowhere"
+        "#;
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        for needle in [
+            "kafka.results_topic: is the input topic",
+            "route.threshold: 1.5 is outside",
+            "route.label_thresholds.cat: `cat` is not one of endpoint.labels",
+            "batch.max_images: must be at least 1",
+            "metrics.listen: `nowhere`",
+            "alerts.topic_arn",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_rejected_by_name() {
+        let err = Config::from_toml_str("[fetch]\nconcurency = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concurency"), "{err}");
+        let err = Config::from_toml_str("[batch]\nmax_wait = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_wait") || err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn managed_kafka_properties_are_refused() {
+        let text =
+            "[alerts]\nenabled = false\n[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n";
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn label_thresholds_override_the_default() {
+        let text = "[alerts]\nenabled = false\n[route.label_thresholds]\nmotorcycle = 0.5\n";
+        let cfg = Config::from_toml_str(text).unwrap();
+        assert_eq!(cfg.threshold_for("motorcycle"), 0.5);
+        assert_eq!(cfg.threshold_for("bicycle"), 0.93);
+    }
+}

@@ -1,0 +1,518 @@
+//! `inferstream endpoint`: a local model server.
+//!
+//! It speaks the SageMaker Runtime API (`POST /endpoints/{name}/invocations`,
+//! what the AWS SDK calls when `aws.sagemaker.endpoint_url` points here) and
+//! the SageMaker container contract (`GET /ping`, `POST /invocations`), in
+//! both request modes of the service:
+//!
+//! - per image: the body is the image (`application/x-image`, `image/*`),
+//!   the answer a JSON array of class probabilities, like the SageMaker
+//!   built-in image classifier;
+//! - batch: `{"instances": [{"b64": "..."}]}` → `{"predictions": [[...]]}`.
+//!
+//! # The test model
+//! Deterministic and documented so that a test can make an image that scores
+//! what it needs ([`model::test_image`]). With `N` classes, the image is
+//! decoded and the mean red and green channel values `R`, `G` (0..=255) of
+//! all pixels decide: the winning class is `min(N-1, R*N/256)`, its
+//! probability `1/N + (1-1/N)*G/255`, and the rest is shared equally by the
+//! other classes. An undecodable image is a model error (HTTP 424
+//! `ModelError`), which in a batch request fails the whole request.
+//!
+//! # Faults
+//! [`Faults`] injects latency, a failure rate (HTTP 500 `InternalFailure`),
+//! a throttling rate (HTTP 400 `ThrottlingException`), and an outage window
+//! (HTTP 503 `ServiceUnavailable`), so the service can be tested against a
+//! misbehaving endpoint. `GET /stats` reports request counts as JSON.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body accepted, as SageMaker does.
+const MAX_BODY: usize = 6 * 1024 * 1024;
+
+/// What the endpoint serves and how it misbehaves.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Endpoint name answered on `/endpoints/{name}/invocations`; `None` answers any name.
+    pub name: Option<String>,
+    /// Number of classes of the test model.
+    pub classes: usize,
+    pub faults: Faults,
+}
+
+/// Injected misbehaviour.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Added to every call.
+    pub latency: Duration,
+    /// Added per image in the call.
+    pub latency_per_image: Duration,
+    /// Fraction of calls answered 500 InternalFailure.
+    pub failure_rate: f64,
+    /// Fraction of calls answered 400 ThrottlingException.
+    pub throttle_rate: f64,
+    /// Outage start, measured from server start.
+    pub outage_after: Option<Duration>,
+    /// Outage length; calls in the window get 503 ServiceUnavailable.
+    pub outage_for: Duration,
+    /// Seed of the fault dice, for repeatable runs.
+    pub seed: u64,
+}
+
+/// Request counters, shared with whoever started the server.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub requests: AtomicU64,
+    pub images: AtomicU64,
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub throttled: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub model_errors: AtomicU64,
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    requests: u64,
+    images: u64,
+    ok: u64,
+    failed: u64,
+    throttled: u64,
+    unavailable: u64,
+    model_errors: u64,
+}
+
+impl EndpointStats {
+    fn view(&self) -> StatsView {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsView {
+            requests: g(&self.requests),
+            images: g(&self.images),
+            ok: g(&self.ok),
+            failed: g(&self.failed),
+            throttled: g(&self.throttled),
+            unavailable: g(&self.unavailable),
+            model_errors: g(&self.model_errors),
+        }
+    }
+}
+
+struct AppState {
+    opts: EndpointOptions,
+    started: Instant,
+    dice: Mutex<fastrand::Rng>,
+    stats: Arc<EndpointStats>,
+}
+
+/// A running endpoint.
+pub struct RunningEndpoint {
+    pub addr: SocketAddr,
+    pub stats: Arc<EndpointStats>,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningEndpoint {
+    /// The URL to use as `aws.sagemaker.endpoint_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts serving on `listener` until `shutdown` is cancelled.
+pub fn spawn(
+    listener: TcpListener,
+    opts: EndpointOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<RunningEndpoint> {
+    let addr = listener.local_addr()?;
+    let stats = Arc::new(EndpointStats::default());
+    let state = Arc::new(AppState {
+        dice: Mutex::new(fastrand::Rng::with_seed(opts.faults.seed)),
+        opts,
+        started: Instant::now(),
+        stats: stats.clone(),
+    });
+    let app = Router::new()
+        .route("/ping", get(|| async { StatusCode::OK }))
+        .route("/stats", get(stats_handler))
+        .route("/invocations", post(invocations))
+        .route("/endpoints/{name}/invocations", post(runtime_invocations))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    });
+    Ok(RunningEndpoint { addr, stats, task })
+}
+
+async fn stats_handler(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    axum::Json(state.stats.view())
+}
+
+async fn runtime_invocations(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(expected) = &state.opts.name {
+        if &name != expected {
+            return aws_error(
+                StatusCode::BAD_REQUEST,
+                "ValidationError",
+                &format!("Endpoint {name} of account 000000000000 not found."),
+            );
+        }
+    }
+    invoke(&state, &headers, body).await
+}
+
+async fn invocations(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    invoke(&state, &headers, body).await
+}
+
+enum Dice {
+    Ok,
+    Fail,
+    Throttle,
+    Outage,
+}
+
+impl AppState {
+    fn roll(&self) -> Dice {
+        let f = &self.opts.faults;
+        if let Some(after) = f.outage_after {
+            let t = self.started.elapsed();
+            if t >= after && t < after + f.outage_for {
+                return Dice::Outage;
+            }
+        }
+        let x = match self.dice.lock() {
+            Ok(mut rng) => rng.f64(),
+            Err(_) => 1.0,
+        };
+        if x < f.throttle_rate {
+            Dice::Throttle
+        } else if x < f.throttle_rate + f.failure_rate {
+            Dice::Fail
+        } else {
+            Dice::Ok
+        }
+    }
+}
+
+async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response {
+    let stats = &state.stats;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let batch = content_type.starts_with("application/json");
+
+    let images: Vec<Vec<u8>> = if batch {
+        match parse_instances(&body) {
+            Ok(images) => images,
+            Err(msg) => {
+                stats.model_errors.fetch_add(1, Ordering::Relaxed);
+                return model_error(&msg);
+            }
+        }
+    } else if content_type.starts_with("application/x-image") || content_type.starts_with("image/")
+    {
+        vec![body.to_vec()]
+    } else {
+        stats.model_errors.fetch_add(1, Ordering::Relaxed);
+        return model_error(&format!("unsupported content type `{content_type}`; send application/x-image, image/* or application/json"));
+    };
+    stats
+        .images
+        .fetch_add(images.len() as u64, Ordering::Relaxed);
+
+    let dice = state.roll();
+    let f = &state.opts.faults;
+    let delay = f.latency + f.latency_per_image * images.len() as u32;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match dice {
+        Dice::Outage => {
+            stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            return aws_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "The service is unavailable (injected outage).",
+            );
+        }
+        Dice::Throttle => {
+            stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return aws_error(
+                StatusCode::BAD_REQUEST,
+                "ThrottlingException",
+                "Rate exceeded (injected).",
+            );
+        }
+        Dice::Fail => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            return aws_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalFailure",
+                "An internal failure occurred (injected).",
+            );
+        }
+        Dice::Ok => {}
+    }
+
+    let classes = state.opts.classes;
+    let mut predictions = Vec::with_capacity(images.len());
+    for (i, img) in images.iter().enumerate() {
+        match model::classify(img, classes) {
+            Ok(p) => predictions.push(p),
+            Err(e) => {
+                stats.model_errors.fetch_add(1, Ordering::Relaxed);
+                return model_error(&format!("instance {i}: {e}"));
+            }
+        }
+    }
+    stats.ok.fetch_add(1, Ordering::Relaxed);
+    let body = if batch {
+        serde_json::json!({ "predictions": predictions })
+    } else {
+        serde_json::json!(predictions.first())
+    };
+    let mut resp = axum::Json(body).into_response();
+    resp.headers_mut().insert(
+        "x-amzn-invoked-production-variant",
+        HeaderValue::from_static("AllTraffic"),
+    );
+    resp
+}
+
+fn parse_instances(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("request is not JSON: {e}"))?;
+    let instances = v
+        .get("instances")
+        .and_then(|i| i.as_array())
+        .ok_or("request has no `instances` array")?;
+    instances
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| {
+            let b64 = inst
+                .get("b64")
+                .and_then(|b| b.as_str())
+                .ok_or_else(|| format!("instance {i} has no `b64` string"))?;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("instance {i} is not base64: {e}"))
+        })
+        .collect()
+}
+
+fn aws_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(serde_json::json!({ "__type": code, "message": message })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(code) {
+        resp.headers_mut().insert("x-amzn-errortype", v);
+    }
+    resp
+}
+
+/// What SageMaker answers when the container rejects the input.
+fn model_error(message: &str) -> Response {
+    let mut resp = (
+        StatusCode::FAILED_DEPENDENCY,
+        axum::Json(serde_json::json!({
+            "__type": "ModelError",
+            "message": format!("Received client error (400) from primary with message \"{message}\"."),
+            "OriginalStatusCode": 400,
+            "OriginalMessage": message,
+        })),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("x-amzn-errortype", HeaderValue::from_static("ModelError"));
+    resp
+}
+
+/// The deterministic test model and images that score what a test needs.
+pub mod model {
+    use std::io::Cursor;
+
+    use image::{ImageFormat, ImageReader, Limits, Rgb, RgbImage};
+
+    /// Largest decoded image accepted (a decompression bomb is refused).
+    const MAX_PIXELS_SIDE: u32 = 8192;
+    const MAX_ALLOC: u64 = 256 * 1024 * 1024;
+
+    /// Class probabilities of an image (see the module docs for the rule).
+    pub fn classify(bytes: &[u8], classes: usize) -> Result<Vec<f64>, String> {
+        let classes = classes.max(1);
+        let mut reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read image: {e}"))?;
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(MAX_PIXELS_SIDE);
+        limits.max_image_height = Some(MAX_PIXELS_SIDE);
+        limits.max_alloc = Some(MAX_ALLOC);
+        reader.limits(limits);
+        let img = reader
+            .decode()
+            .map_err(|e| format!("cannot decode image: {e}"))?;
+        let rgb = img.to_rgb8();
+        let n = u64::from(rgb.width()) * u64::from(rgb.height());
+        if n == 0 {
+            return Err("image has no pixels".into());
+        }
+        let (mut r, mut g) = (0u64, 0u64);
+        for p in rgb.pixels() {
+            r += u64::from(p[0]);
+            g += u64::from(p[1]);
+        }
+        Ok(probabilities(
+            r as f64 / n as f64,
+            g as f64 / n as f64,
+            classes,
+        ))
+    }
+
+    /// The rule, from mean red and green (0..=255).
+    pub fn probabilities(mean_r: f64, mean_g: f64, classes: usize) -> Vec<f64> {
+        let n = classes.max(1);
+        if n == 1 {
+            return vec![1.0];
+        }
+        let nf = n as f64;
+        let winner = ((mean_r * nf / 256.0) as usize).min(n - 1);
+        let top = 1.0 / nf + (1.0 - 1.0 / nf) * (mean_g / 255.0).clamp(0.0, 1.0);
+        let rest = (1.0 - top) / (nf - 1.0);
+        (0..n)
+            .map(|i| if i == winner { top } else { rest })
+            .collect()
+    }
+
+    /// The confidence the model gives to [`test_image`]`(_, confidence, classes, _)`
+    /// (the green channel quantises it to steps of about 1/255).
+    pub fn expected_confidence(confidence: f64, classes: usize) -> f64 {
+        let (_, g) = colour(0, confidence, classes);
+        probabilities(0.0, f64::from(g), classes)[0]
+    }
+
+    fn colour(label: usize, confidence: f64, classes: usize) -> (u8, u8) {
+        let n = classes.max(1) as f64;
+        let r = ((label as f64 + 0.5) * 256.0 / n).floor().clamp(0.0, 255.0) as u8;
+        let g = if classes <= 1 {
+            255.0
+        } else {
+            ((confidence - 1.0 / n) / (1.0 - 1.0 / n) * 255.0)
+                .round()
+                .clamp(0.0, 255.0)
+        };
+        (r, g as u8)
+    }
+
+    /// A solid-colour `size`×`size` image that the model classifies as
+    /// `label` with about `confidence` (clamped to at least 1/classes).
+    /// `format` is PNG, JPEG (lossy: confidence within ~0.01), GIF, WebP or BMP.
+    pub fn test_image(
+        label: usize,
+        confidence: f64,
+        classes: usize,
+        size: u32,
+        format: ImageFormat,
+    ) -> Vec<u8> {
+        let (r, g) = colour(label, confidence, classes);
+        let mut img = RgbImage::from_pixel(size.max(1), size.max(1), Rgb([r, g, 64]));
+        // A little texture so that files are not all the same size; the means stay put.
+        let w = img.width();
+        if w >= 2 {
+            for y in 0..img.height() {
+                let a = img.get_pixel(0, y)[2].wrapping_add((y % 7) as u8);
+                img.get_pixel_mut(0, y)[2] = a;
+            }
+        }
+        let mut out = Cursor::new(Vec::new());
+        if img.write_to(&mut out, format).is_err() {
+            // Formats compiled in always encode RGB; fall back to PNG regardless.
+            let mut png = Cursor::new(Vec::new());
+            let _ = img.write_to(&mut png, ImageFormat::Png);
+            return png.into_inner();
+        }
+        out.into_inner()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn test_images_score_what_they_were_made_for() {
+            for classes in [1usize, 2, 3, 10] {
+                for label in 0..classes {
+                    for conf in [0.3, 0.61, 0.93, 0.97, 1.0] {
+                        let png = test_image(label, conf, classes, 32, ImageFormat::Png);
+                        let p = classify(&png, classes).unwrap();
+                        assert_eq!(p.len(), classes);
+                        let (best, top) = p.iter().enumerate().fold((0, f64::MIN), |a, (i, &v)| {
+                            if v > a.1 {
+                                (i, v)
+                            } else {
+                                a
+                            }
+                        });
+                        let want = expected_confidence(conf, classes);
+                        assert!(
+                            (top - want).abs() < 1e-9,
+                            "{classes} {label} {conf}: {top} vs {want}"
+                        );
+                        if classes > 1 && conf > 1.0 / classes as f64 + 0.01 {
+                            assert_eq!(best, label);
+                            assert!((top - conf).abs() < 0.005, "{top} vs {conf}");
+                        }
+                        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn jpeg_is_close_enough() {
+            let jpg = test_image(1, 0.8, 2, 32, ImageFormat::Jpeg);
+            let p = classify(&jpg, 2).unwrap();
+            assert!(p[1] > 0.75 && p[1] < 0.85, "{p:?}");
+        }
+
+        #[test]
+        fn garbage_is_a_model_error() {
+            assert!(classify(b"not an image", 2).is_err());
+            let mut png = test_image(0, 0.9, 2, 32, ImageFormat::Png);
+            png.truncate(png.len() / 2);
+            assert!(classify(&png, 2).is_err());
+        }
+    }
+}

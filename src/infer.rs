@@ -1,0 +1,437 @@
+//! Infer: SageMaker InvokeEndpoint with a concurrency cap, per-call timeout,
+//! retries with exponential backoff and jitter, and batch bisection so that
+//! one bad image never sinks its batch-mates.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::aws::{backoff, classify, describe, ErrorClass};
+use crate::config::{EndpointConfig, RequestMode};
+use crate::decode::DeadLetterReason;
+use crate::fetch::ImageKind;
+use crate::metrics::Metrics;
+
+/// Why an image got no prediction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", reason.as_str())]
+pub struct InferError {
+    pub reason: DeadLetterReason,
+    pub detail: String,
+}
+
+/// A successful inference of one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inference {
+    pub scores: Vec<f64>,
+    pub duration: Duration,
+    pub variant: Option<String>,
+}
+
+/// One image to classify.
+pub struct Input<'a> {
+    pub body: &'a Bytes,
+    pub kind: ImageKind,
+}
+
+enum CallError {
+    /// The endpoint refused this request's content.
+    Rejected(String),
+    /// The endpoint stayed unavailable through every attempt.
+    Unavailable(String),
+}
+
+struct CallOk {
+    body: Bytes,
+    variant: Option<String>,
+    duration: Duration,
+}
+
+/// The inference client.
+#[derive(Clone)]
+pub struct Inferrer {
+    client: aws_sdk_sagemakerruntime::Client,
+    config: Arc<EndpointConfig>,
+    calls: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Inferrer {
+    pub fn new(
+        client: aws_sdk_sagemakerruntime::Client,
+        config: EndpointConfig,
+        metrics: Arc<Metrics>,
+    ) -> Inferrer {
+        Inferrer {
+            client,
+            calls: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            config: Arc::new(config),
+            metrics,
+            healthy: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// False after the endpoint stayed unavailable through every attempt,
+    /// true again after any answer.
+    pub fn healthy(&self) -> Arc<AtomicBool> {
+        self.healthy.clone()
+    }
+
+    /// Classifies a batch; one result per input, in order.
+    pub async fn infer(&self, inputs: &[Input<'_>]) -> Vec<Result<Inference, InferError>> {
+        self.metrics.batch_size.observe(inputs.len() as f64);
+        match self.config.mode {
+            RequestMode::PerImage => {
+                futures::future::join_all(inputs.iter().map(|i| self.infer_one(i))).await
+            }
+            RequestMode::Batch => {
+                let idx: Vec<usize> = (0..inputs.len()).collect();
+                let mut out: Vec<Option<Result<Inference, InferError>>> =
+                    (0..inputs.len()).map(|_| None).collect();
+                for (i, r) in self.infer_group(inputs, idx).await {
+                    out[i] = Some(r);
+                }
+                out.into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(InferError {
+                                reason: DeadLetterReason::BadEndpointResponse,
+                                detail: "no result was produced for this image".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    async fn infer_one(&self, input: &Input<'_>) -> Result<Inference, InferError> {
+        let content_type = if self.config.content_type == "auto" {
+            input.kind.content_type()
+        } else {
+            self.config.content_type.as_str()
+        };
+        match self.call(input.body.clone(), content_type).await {
+            Ok(ok) => {
+                let scores =
+                    parse_single(&ok.body, self.config.labels.len()).map_err(|detail| {
+                        self.metrics
+                            .inference_errors
+                            .with_label_values(&["bad_response"])
+                            .inc();
+                        InferError {
+                            reason: DeadLetterReason::BadEndpointResponse,
+                            detail,
+                        }
+                    })?;
+                Ok(Inference {
+                    scores,
+                    duration: ok.duration,
+                    variant: ok.variant,
+                })
+            }
+            Err(CallError::Rejected(detail)) => Err(InferError {
+                reason: DeadLetterReason::EndpointRejected,
+                detail,
+            }),
+            Err(CallError::Unavailable(detail)) => Err(InferError {
+                reason: DeadLetterReason::EndpointUnavailable,
+                detail,
+            }),
+        }
+    }
+
+    /// Classifies the images `idx` of `inputs` in one call; on a content
+    /// rejection, splits in halves until the culprit is alone.
+    fn infer_group<'a>(
+        &'a self,
+        inputs: &'a [Input<'a>],
+        idx: Vec<usize>,
+    ) -> BoxFuture<'a, Vec<(usize, Result<Inference, InferError>)>> {
+        async move {
+            let body = batch_request(idx.iter().map(|&i| inputs[i].body.as_ref()));
+            match self.call(body, "application/json").await {
+                Ok(ok) => match parse_batch(&ok.body, idx.len(), self.config.labels.len()) {
+                    Ok(all) => idx
+                        .into_iter()
+                        .zip(all)
+                        .map(|(i, scores)| {
+                            (
+                                i,
+                                Ok(Inference {
+                                    scores,
+                                    duration: ok.duration,
+                                    variant: ok.variant.clone(),
+                                }),
+                            )
+                        })
+                        .collect(),
+                    Err(detail) => {
+                        self.metrics
+                            .inference_errors
+                            .with_label_values(&["bad_response"])
+                            .inc();
+                        idx.into_iter()
+                            .map(|i| {
+                                (
+                                    i,
+                                    Err(InferError {
+                                        reason: DeadLetterReason::BadEndpointResponse,
+                                        detail: detail.clone(),
+                                    }),
+                                )
+                            })
+                            .collect()
+                    }
+                },
+                Err(CallError::Rejected(detail)) if idx.len() > 1 => {
+                    tracing::debug!(images = idx.len(), %detail, "batch rejected, splitting");
+                    self.metrics.batch_splits.inc();
+                    let mut left = idx;
+                    let right = left.split_off(left.len() / 2);
+                    let (a, b) = futures::join!(
+                        self.infer_group(inputs, left),
+                        self.infer_group(inputs, right)
+                    );
+                    a.into_iter().chain(b).collect()
+                }
+                Err(e) => {
+                    let (reason, detail) = match e {
+                        CallError::Rejected(d) => (DeadLetterReason::EndpointRejected, d),
+                        CallError::Unavailable(d) => (DeadLetterReason::EndpointUnavailable, d),
+                    };
+                    idx.into_iter()
+                        .map(|i| {
+                            (
+                                i,
+                                Err(InferError {
+                                    reason,
+                                    detail: detail.clone(),
+                                }),
+                            )
+                        })
+                        .collect()
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// One logical call: a permit, then attempts with backoff.
+    async fn call(&self, body: Bytes, content_type: &str) -> Result<CallOk, CallError> {
+        let cfg = &self.config;
+        let mut last = String::new();
+        for attempt in 0..cfg.max_attempts {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt, cfg.backoff_initial, cfg.backoff_max)).await;
+            }
+            let permit = self.calls.acquire().await;
+            let start = Instant::now();
+            let mut req = self
+                .client
+                .invoke_endpoint()
+                .endpoint_name(&cfg.name)
+                .content_type(content_type)
+                .accept("application/json")
+                .body(aws_sdk_sagemakerruntime::primitives::Blob::new(
+                    body.to_vec(),
+                ));
+            if !cfg.variant.is_empty() {
+                req = req.target_variant(&cfg.variant);
+            }
+            self.metrics.inference_requests.inc();
+            let result = tokio::time::timeout(cfg.timeout, req.send()).await;
+            drop(permit);
+            let (class, detail) = match result {
+                Ok(Ok(resp)) => {
+                    let duration = start.elapsed();
+                    self.metrics
+                        .inference_duration
+                        .observe(duration.as_secs_f64());
+                    self.healthy.store(true, Ordering::Relaxed);
+                    let variant = resp.invoked_production_variant().map(str::to_string);
+                    let body = resp
+                        .body
+                        .map(|b| Bytes::from(b.into_inner()))
+                        .unwrap_or_default();
+                    return Ok(CallOk {
+                        body,
+                        variant,
+                        duration,
+                    });
+                }
+                Ok(Err(err)) => {
+                    let class = classify(&err);
+                    (class, describe(&err))
+                }
+                Err(_) => (
+                    ErrorClass::Timeout,
+                    format!(
+                        "no answer within endpoint.timeout ({})",
+                        humantime::format_duration(cfg.timeout)
+                    ),
+                ),
+            };
+            let kind = match class {
+                ErrorClass::Throttled => "throttled",
+                ErrorClass::Unavailable => "server_error",
+                ErrorClass::Timeout => "timeout",
+                ErrorClass::Network => "network",
+                ErrorClass::Rejected => "rejected",
+            };
+            self.metrics
+                .inference_errors
+                .with_label_values(&[kind])
+                .inc();
+            if !class.retryable() {
+                // The endpoint answered, so it is reachable.
+                self.healthy.store(true, Ordering::Relaxed);
+                return Err(CallError::Rejected(detail));
+            }
+            tracing::debug!(attempt, kind, %detail, "invoke endpoint failed, retrying");
+            last = detail;
+        }
+        self.healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(endpoint = %cfg.name, attempts = cfg.max_attempts, last = %last, "endpoint unavailable through every attempt");
+        Err(CallError::Unavailable(format!(
+            "{} attempts failed; last: {last}",
+            cfg.max_attempts
+        )))
+    }
+}
+
+/// `{"instances": [{"b64": "..."}, ...]}`
+pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut out = String::from("{\"instances\":[");
+    for (i, img) in images.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"b64\":\"");
+        engine.encode_string(img, &mut out);
+        out.push_str("\"}");
+    }
+    out.push_str("]}");
+    Bytes::from(out)
+}
+
+fn probabilities(v: &Value, classes: usize) -> Result<Vec<f64>, String> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| format!("expected an array of {classes} probabilities"))?;
+    if arr.len() != classes {
+        return Err(format!(
+            "{} probabilities for {classes} labels (endpoint.labels)",
+            arr.len()
+        ));
+    }
+    arr.iter()
+        .map(|x| match x.as_f64() {
+            Some(p) if p.is_finite() && (-1e-6..=1.0 + 1e-6).contains(&p) => Ok(p.clamp(0.0, 1.0)),
+            _ => Err(format!("`{x}` is not a probability")),
+        })
+        .collect()
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
+    if body.len() > 120 {
+        format!("{s}…")
+    } else {
+        s
+    }
+}
+
+/// A per-image answer: `[p, ...]`, `{"prediction": [p, ...]}`,
+/// `{"probabilities": [...]}` or `{"predictions": [[p, ...]]}`.
+pub fn parse_single(body: &[u8], classes: usize) -> Result<Vec<f64>, String> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("answer is not JSON ({e}): {}", snippet(body)))?;
+    let inner = match &v {
+        Value::Array(_) => &v,
+        Value::Object(o) => {
+            if let Some(p) = o.get("prediction").or_else(|| o.get("probabilities")) {
+                p
+            } else if let Some(Value::Array(ps)) = o.get("predictions") {
+                if ps.len() != 1 {
+                    return Err(format!("{} predictions for one image", ps.len()));
+                }
+                &ps[0]
+            } else {
+                return Err(format!("answer has no prediction: {}", snippet(body)));
+            }
+        }
+        _ => return Err(format!("unexpected answer: {}", snippet(body))),
+    };
+    probabilities(inner, classes)
+}
+
+/// A batch answer: `{"predictions": [[p, ...], ...]}` with one entry per image.
+pub fn parse_batch(body: &[u8], images: usize, classes: usize) -> Result<Vec<Vec<f64>>, String> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("answer is not JSON ({e}): {}", snippet(body)))?;
+    let preds = v
+        .get("predictions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("answer has no `predictions` array: {}", snippet(body)))?;
+    if preds.len() != images {
+        return Err(format!("{} predictions for {images} images", preds.len()));
+    }
+    preds
+        .iter()
+        .enumerate()
+        .map(|(i, p)| probabilities(p, classes).map_err(|e| format!("prediction {i}: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_answers_in_every_accepted_shape() {
+        assert_eq!(parse_single(b"[0.25, 0.75]", 2).unwrap(), vec![0.25, 0.75]);
+        assert_eq!(
+            parse_single(br#"{"prediction": [0.1, 0.9]}"#, 2).unwrap(),
+            vec![0.1, 0.9]
+        );
+        assert_eq!(
+            parse_single(br#"{"predictions": [[0.1, 0.9]]}"#, 2).unwrap(),
+            vec![0.1, 0.9]
+        );
+        assert!(parse_single(b"[0.5]", 2)
+            .unwrap_err()
+            .contains("1 probabilities for 2 labels"));
+        assert!(parse_single(b"[0.5, \"x\"]", 2).is_err());
+        assert!(parse_single(b"[0.5, 7]", 2).is_err());
+        assert!(parse_single(b"<html>", 2).unwrap_err().contains("not JSON"));
+        assert!(parse_single(b"{}", 2).is_err());
+    }
+
+    #[test]
+    fn batch_answers_must_match_in_length() {
+        let body = br#"{"predictions": [[0.1, 0.9], [0.8, 0.2]]}"#;
+        assert_eq!(parse_batch(body, 2, 2).unwrap().len(), 2);
+        assert!(parse_batch(body, 3, 2)
+            .unwrap_err()
+            .contains("2 predictions for 3 images"));
+        assert!(parse_batch(br#"{"predictions": [[0.1, 0.9], [0.8]]}"#, 2, 2).is_err());
+    }
+
+    #[test]
+    fn batch_request_is_instances_b64() {
+        let body = batch_request([b"ab".as_slice(), b"c".as_slice()].into_iter());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["instances"][0]["b64"], "YWI=");
+        assert_eq!(v["instances"][1]["b64"], "Yw==");
+    }
+}

@@ -1,0 +1,41 @@
+//! inferstream classifies images as they land in S3.
+//!
+//! ```text
+//!  Kafka `s3-events` ──► source ──► decode ──► fetch (S3) ──► batch ──► infer (SageMaker)
+//!                          │           │            │                        │
+//!                          │           └── skip / dead letter ◄──────────────┤
+//!                          │                                                 ▼
+//!                          │                                   route (threshold)
+//!                          │                                                 ▼
+//!                          │          sinks: results / review / dead-letter topics, SNS alerts
+//!                          ▼                                                 │
+//!                     ack tracker ◄──── every output acknowledged ───────────┘
+//!                          │
+//!                     commit lowest incomplete offset per partition
+//! ```
+//!
+//! Modules, one per stage: [`source`] (consumer callbacks and commits),
+//! [`decode`], [`fetch`], [`batch`], [`infer`], [`route`], [`sink`]; the
+//! wiring in [`pipeline`]; offsets in [`ack`]; [`config`], [`metrics`],
+//! [`http`], [`shutdown`]; the local model server in [`endpoint`].
+
+pub mod ack;
+pub mod aws;
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod endpoint;
+pub mod fetch;
+pub mod http;
+pub mod infer;
+pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
+pub mod record;
+pub mod route;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+
+pub use config::Config;
+pub use pipeline::{start, Service};

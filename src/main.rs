@@ -1,0 +1,208 @@
+//! The command line: parses arguments, sets up logging, calls the library.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use inferstream::config::{Config, LogFormat};
+use inferstream::endpoint::{EndpointOptions, Faults};
+
+const DEFAULT_CONFIG: &str = "config/inferstream.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "inferstream",
+    version,
+    about = "Classifies images as they land in S3"
+)]
+struct Cli {
+    /// Configuration file, layered on the embedded defaults; environment
+    /// variables INFERSTREAM__SECTION__KEY override both.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run,
+    /// Run a local model server speaking the SageMaker Runtime API.
+    Endpoint(EndpointArgs),
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+}
+
+#[derive(clap::Args)]
+struct EndpointArgs {
+    /// Listen address (SageMaker containers use port 8080).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Only answer this endpoint name on /endpoints/{name}/invocations.
+    #[arg(long)]
+    name: Option<String>,
+    /// Number of classes of the test model.
+    #[arg(long, default_value_t = 2)]
+    classes: usize,
+    /// Latency added to every call, e.g. 50ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    latency: Duration,
+    /// Latency added per image of a call.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    latency_per_image: Duration,
+    /// Fraction of calls answered 500 InternalFailure.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Fraction of calls answered 400 ThrottlingException.
+    #[arg(long, default_value_t = 0.0)]
+    throttle_rate: f64,
+    /// Start of an outage (503 ServiceUnavailable), from server start.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    outage_after: Option<Duration>,
+    /// Length of the outage.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    outage_for: Duration,
+    /// Seed of the fault dice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
+    let path = match path {
+        Some(p) => Some(p),
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG);
+            default.exists().then_some(default)
+        }
+    };
+    Config::load(path.as_deref()).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => match load_config(cli.config) {
+            Ok(cfg) => {
+                println!("# configuration is valid; effective values, secrets redacted:\n");
+                print!("{cfg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => {
+            let cfg = match load_config(cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(cfg.log.format, &cfg.log.level);
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
+                    tracing::error!(error = %e, "cannot install signal handlers");
+                    return ExitCode::FAILURE;
+                }
+                let service = match inferstream::start(cfg, shutdown).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "cannot start");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match service.wait().await {
+                    Ok(()) => {
+                        tracing::info!("stopped");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "stopped on error");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Endpoint(args) => {
+            init_logging(LogFormat::Text, "info");
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(listen = %args.listen, error = %e, "cannot listen");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = CancellationToken::new();
+                if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
+                    tracing::error!(error = %e, "cannot install signal handlers");
+                    return ExitCode::FAILURE;
+                }
+                let opts = EndpointOptions {
+                    name: args.name,
+                    classes: args.classes.max(1),
+                    faults: Faults {
+                        latency: args.latency,
+                        latency_per_image: args.latency_per_image,
+                        failure_rate: args.failure_rate,
+                        throttle_rate: args.throttle_rate,
+                        outage_after: args.outage_after,
+                        outage_for: args.outage_for,
+                        seed: args.seed,
+                    },
+                };
+                let running = match inferstream::endpoint::spawn(listener, opts, shutdown) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the endpoint");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tracing::info!(url = %running.url(), "endpoint listening");
+                match running.task.await {
+                    Ok(Ok(())) => ExitCode::SUCCESS,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "endpoint failed");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "endpoint task failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

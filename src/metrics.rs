@@ -1,0 +1,138 @@
+//! Every metric the service exports, declared in one place.
+//!
+//! Prefix `inferstream_`; counters end in `_total`, durations are histograms
+//! in `_seconds`. Label values are bounded: reasons, kinds, labels from the
+//! configuration, decisions and partitions; never keys or offsets.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The service's metrics, registered in their own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounter,
+    pub records_skipped: IntCounterVec,
+    pub images_fetched: IntCounter,
+    pub fetched_bytes: IntCounter,
+    pub fetch_duration: Histogram,
+    pub fetch_retries: IntCounter,
+    pub batch_size: Histogram,
+    pub inference_duration: Histogram,
+    pub inference_requests: IntCounter,
+    pub inference_errors: IntCounterVec,
+    pub batch_splits: IntCounter,
+    pub predictions: IntCounterVec,
+    pub confidence: HistogramVec,
+    pub alerts_published: IntCounter,
+    pub alerts_failed: IntCounter,
+    pub dead_letters: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub end_to_end: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub committed_offset: IntGaugeVec,
+    pub commit_failures: IntCounter,
+    pub assigned_partitions: IntGauge,
+}
+
+fn buckets_seconds() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        let counter = |name: &str, help: &str| IntCounter::new(name, help);
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
+
+        let m = Metrics {
+            events_consumed: reg!(counter("inferstream_events_consumed_total", "Kafka messages consumed from the input topic")?),
+            records_skipped: reg!(counter_vec(
+                "inferstream_records_skipped_total",
+                "Event records skipped on purpose, by reason (test_event, not_create, key_filtered, directory_marker)",
+                &["reason"]
+            )?),
+            images_fetched: reg!(counter("inferstream_images_fetched_total", "Images read from S3")?),
+            fetched_bytes: reg!(counter("inferstream_fetched_bytes_total", "Bytes read from S3")?),
+            fetch_duration: reg!(histogram("inferstream_fetch_duration_seconds", "S3 GetObject duration including the body", buckets_seconds())?),
+            fetch_retries: reg!(counter("inferstream_fetch_retries_total", "S3 GetObject attempts retried")?),
+            batch_size: reg!(histogram(
+                "inferstream_batch_size",
+                "Images per batch",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+            )?),
+            inference_duration: reg!(histogram(
+                "inferstream_inference_duration_seconds",
+                "InvokeEndpoint duration of successful calls",
+                buckets_seconds()
+            )?),
+            inference_requests: reg!(counter("inferstream_inference_requests_total", "InvokeEndpoint calls made, retries included")?),
+            inference_errors: reg!(counter_vec(
+                "inferstream_inference_errors_total",
+                "InvokeEndpoint failures by kind (throttled, unavailable, server_error, timeout, network, rejected, bad_response)",
+                &["kind"]
+            )?),
+            batch_splits: reg!(counter("inferstream_batch_splits_total", "Batches split in two to isolate a rejected image")?),
+            predictions: reg!(counter_vec(
+                "inferstream_predictions_total",
+                "Predictions by label and decision (accepted, review)",
+                &["label", "decision"]
+            )?),
+            confidence: reg!(HistogramVec::new(
+                HistogramOpts::new("inferstream_confidence", "Confidence of the top label").buckets(vec![
+                    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0
+                ]),
+                &["label"]
+            )?),
+            alerts_published: reg!(counter("inferstream_alerts_published_total", "SNS alerts published")?),
+            alerts_failed: reg!(counter("inferstream_alerts_failed_total", "SNS alerts that failed every attempt")?),
+            dead_letters: reg!(counter_vec("inferstream_dead_letters_total", "Dead-letter records written, by reason", &["reason"])?),
+            in_flight: reg!(IntGauge::new("inferstream_in_flight_images", "Images consumed and not yet completed")?),
+            end_to_end: reg!(histogram(
+                "inferstream_end_to_end_duration_seconds",
+                "From consuming the event to every output acknowledged",
+                buckets_seconds()
+            )?),
+            consumer_lag: reg!(IntGaugeVec::new(
+                Opts::new("inferstream_consumer_lag", "Messages behind the partition's end, from librdkafka statistics"),
+                &["partition"]
+            )?),
+            committed_offset: reg!(IntGaugeVec::new(
+                Opts::new("inferstream_committed_offset", "Last offset committed, per partition"),
+                &["partition"]
+            )?),
+            commit_failures: reg!(counter("inferstream_commit_failures_total", "Offset commits that failed")?),
+            assigned_partitions: reg!(IntGauge::new("inferstream_assigned_partitions", "Input partitions assigned to this instance")?),
+            registry,
+        };
+        for reason in crate::decode::DeadLetterReason::ALL {
+            m.dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        Ok(m)
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

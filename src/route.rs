@@ -1,0 +1,80 @@
+//! Route: the top label and its confidence against the threshold.
+
+use crate::config::Config;
+use crate::record::Decision;
+
+/// The routing decision for one prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub label: usize,
+    pub confidence: f64,
+    pub threshold: f64,
+    pub decision: Decision,
+}
+
+/// Picks the top label (the first on a tie) and compares its confidence
+/// with that label's threshold: at or above is accepted, below is review.
+pub fn route(scores: &[f64], config: &Config) -> Routed {
+    let (label, confidence) =
+        scores
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (i, s)| {
+                if s > best.1 {
+                    (i, s)
+                } else {
+                    best
+                }
+            });
+    let threshold = config
+        .endpoint
+        .labels
+        .get(label)
+        .map_or(config.route.threshold, |l| config.threshold_for(l));
+    let decision = if confidence >= threshold {
+        Decision::Accepted
+    } else {
+        Decision::Review
+    };
+    Routed {
+        label,
+        confidence,
+        threshold,
+        decision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::from_toml_str(&format!("[alerts]\nenabled = false\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn threshold_is_inclusive() {
+        let c = config("");
+        assert_eq!(route(&[0.93, 0.07], &c).decision, Decision::Accepted);
+        assert_eq!(route(&[0.929, 0.071], &c).decision, Decision::Review);
+        let r = route(&[0.39, 0.61], &c);
+        assert_eq!(
+            (r.label, r.confidence, r.decision),
+            (1, 0.61, Decision::Review)
+        );
+    }
+
+    #[test]
+    fn per_label_thresholds_apply_to_the_top_label() {
+        let c = config("[route.label_thresholds]\nmotorcycle = 0.5\n");
+        let r = route(&[0.4, 0.6], &c);
+        assert_eq!((r.threshold, r.decision), (0.5, Decision::Accepted));
+        assert_eq!(route(&[0.6, 0.4], &c).decision, Decision::Review);
+    }
+
+    #[test]
+    fn ties_go_to_the_first_label() {
+        assert_eq!(route(&[0.5, 0.5], &config("")).label, 0);
+    }
+}

@@ -1,0 +1,112 @@
+//! The command line: check-config and endpoint, through the real binary.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image::ImageFormat;
+use inferstream::endpoint::model::{expected_confidence, test_image};
+
+use crate::harness::{free_port, http_get};
+
+fn inferstream(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_inferstream"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().copied())
+        .output()
+        .expect("run inferstream");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let (code, stdout, stderr) = inferstream(
+        &["check-config"],
+        &[
+            (
+                "INFERSTREAM__ALERTS__TOPIC_ARN",
+                "arn:aws:sns:us-east-1:123456789012:alerts",
+            ),
+            (
+                "INFERSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD",
+                "hunter2-very-secret",
+            ),
+            ("INFERSTREAM__ROUTE__THRESHOLD", "0.8"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("threshold = 0.8"), "{stdout}");
+    assert!(stdout.contains("sasl.password"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "secret printed: {stdout}");
+}
+
+#[test]
+fn check_config_names_every_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[route]\nthreshold = 1.5\n[batch]\nmax_images = 0\n").unwrap();
+    let (code, _, stderr) = inferstream(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("INFERSTREAM__ALERTS__ENABLED", "false")],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("route.threshold"), "{stderr}");
+    assert!(stderr.contains("batch.max_images"), "{stderr}");
+
+    let (code, _, stderr) = inferstream(
+        &["check-config"],
+        &[("INFERSTREAM__FETCH__CONCURENCY", "3")],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("concurency"), "{stderr}");
+
+    let (code, _, stderr) = inferstream(&["check-config"], &[]);
+    assert_eq!(code, 2, "alerts without a topic must be refused");
+    assert!(stderr.contains("alerts.topic_arn"), "{stderr}");
+}
+
+#[tokio::test]
+async fn endpoint_command_serves_ping_and_invocations() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inferstream"))
+        .args(["endpoint", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start endpoint");
+    let url = format!("http://127.0.0.1:{port}/ping");
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok((status, _)) = http_get(&url).await {
+            break status;
+        }
+        assert!(Instant::now() < end, "endpoint did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 200);
+
+    // The AWS SDK, pointed at it, gets class probabilities for an image.
+    let sdk = crate::harness::aws_config(&format!("http://127.0.0.1:{port}")).await;
+    let client = aws_sdk_sagemakerruntime::Client::new(&sdk);
+    let png = test_image(1, 0.9, 2, 16, ImageFormat::Png);
+    let answer = client
+        .invoke_endpoint()
+        .endpoint_name("image-classifier")
+        .content_type("application/x-image")
+        .body(png.into())
+        .send()
+        .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = answer.expect("InvokeEndpoint");
+    let probs: Vec<f64> = serde_json::from_slice(answer.body.expect("body").as_ref()).unwrap();
+    assert_eq!(probs.len(), 2);
+    assert!(
+        (probs[1] - expected_confidence(0.9, 2)).abs() < 1e-9,
+        "{probs:?}"
+    );
+}

@@ -1,0 +1,736 @@
+//! The test stack, all real and all on 127.0.0.1 with free ports:
+//! librdkafka's mock cluster (in this process, so that it outlives a service
+//! that a test kills), `moto_server` for S3, SNS and SQS, `inferstream
+//! endpoint` in process, and the service itself as a child process of the
+//! real binary.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use inferstream::endpoint::{EndpointOptions, Faults, RunningEndpoint};
+
+pub const REGION: &str = "us-east-1";
+pub const INPUT: &str = "s3-events";
+pub const RESULTS: &str = "inferstream-results";
+pub const REVIEW: &str = "inferstream-review";
+pub const DEAD: &str = "inferstream-dead-letter";
+pub const PARTITIONS: i32 = 4;
+
+pub fn free_port() -> u16 {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("it-logs");
+    std::fs::create_dir_all(&dir).expect("create log dir");
+    dir
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+// ---------------------------------------------------------------- moto
+
+/// `moto_server` on a free port, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let bin = std::env::var("MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
+            });
+        assert!(
+            bin.exists(),
+            "moto_server not found at {}; run the tests with `make test`, which installs it",
+            bin.display()
+        );
+        let port = free_port();
+        let log = File::create(log_dir().join(format!("moto-{port}.log"))).expect("moto log");
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let probe = format!("{}/moto-api/", moto.url);
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http_get(&probe).await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "moto_server did not start on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        moto
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for probes and /metrics.
+pub async fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status line"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+// ---------------------------------------------------------------- stack
+
+pub struct Stack {
+    pub kafka: MockCluster<'static, DefaultProducerContext>,
+    pub moto: Moto,
+    pub endpoint: RunningEndpoint,
+    endpoint_stop: CancellationToken,
+    pub s3: aws_sdk_s3::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub topic_arn: String,
+    pub queue_url: String,
+    pub group: String,
+    producer: FutureProducer,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.endpoint_stop.cancel();
+    }
+}
+
+pub async fn aws_config(url: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .endpoint_url(url)
+        .load()
+        .await
+}
+
+impl Stack {
+    /// Kafka, moto (with bucket `uploads`, an SNS topic and an SQS queue
+    /// subscribed to it) and an endpoint with `faults`.
+    pub async fn start(faults: Faults) -> Stack {
+        let kafka = MockCluster::new(1).expect("mock cluster");
+        for t in [INPUT, RESULTS, REVIEW, DEAD] {
+            kafka.create_topic(t, PARTITIONS, 1).expect("create topic");
+        }
+        let moto = Moto::start().await;
+        let sdk = aws_config(&moto.url).await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        let sns = aws_sdk_sns::Client::new(&sdk);
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        for b in ["uploads", "elsewhere"] {
+            s3.create_bucket()
+                .bucket(b)
+                .send()
+                .await
+                .expect("create bucket");
+        }
+        let topic_arn = sns
+            .create_topic()
+            .name("inferstream-alerts")
+            .send()
+            .await
+            .expect("create topic")
+            .topic_arn
+            .expect("topic arn");
+        let queue_url = sqs
+            .create_queue()
+            .queue_name("alerts")
+            .send()
+            .await
+            .expect("create queue")
+            .queue_url
+            .expect("queue url");
+        let queue_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+                    .cloned()
+            })
+            .expect("queue arn");
+        sns.subscribe()
+            .topic_arn(&topic_arn)
+            .protocol("sqs")
+            .endpoint(queue_arn)
+            .send()
+            .await
+            .expect("subscribe queue");
+
+        let endpoint_stop = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind endpoint");
+        let endpoint = inferstream::endpoint::spawn(
+            listener,
+            EndpointOptions {
+                name: Some("image-classifier".into()),
+                classes: 2,
+                faults,
+            },
+            endpoint_stop.clone(),
+        )
+        .expect("endpoint");
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("linger.ms", "2")
+            .create()
+            .expect("producer");
+        Stack {
+            kafka,
+            moto,
+            endpoint,
+            endpoint_stop,
+            s3,
+            sqs,
+            topic_arn,
+            queue_url,
+            group: unique("inferstream"),
+            producer,
+        }
+    }
+
+    /// The service configuration for this stack, as environment variables.
+    pub fn service_env(&self, metrics_port: u16) -> Vec<(String, String)> {
+        let v = |k: &str, val: &str| (format!("INFERSTREAM__{k}"), val.to_string());
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+            ("AWS_REGION".into(), REGION.into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            v("KAFKA__BROKERS", &self.kafka.bootstrap_servers()),
+            v("KAFKA__GROUP_ID", &format!("\"{}\"", self.group)),
+            v("KAFKA__SESSION_TIMEOUT", "6s"),
+            v("KAFKA__HEARTBEAT_INTERVAL", "500ms"),
+            v("KAFKA__COMMIT_INTERVAL", "200ms"),
+            v("AWS__S3__ENDPOINT_URL", &self.moto.url),
+            v("AWS__S3__FORCE_PATH_STYLE", "true"),
+            v("AWS__SNS__ENDPOINT_URL", &self.moto.url),
+            v("AWS__SAGEMAKER__ENDPOINT_URL", &self.endpoint.url()),
+            v("ALERTS__TOPIC_ARN", &self.topic_arn),
+            v("ENDPOINT__BACKOFF_INITIAL", "10ms"),
+            v("ENDPOINT__BACKOFF_MAX", "200ms"),
+            v("METRICS__LISTEN", &format!("127.0.0.1:{metrics_port}")),
+            v("LOG__LEVEL", "info,inferstream=debug"),
+        ]
+    }
+
+    /// Starts the real binary against this stack; `extra` are more
+    /// `INFERSTREAM__…` overrides, e.g. `("ENDPOINT__MODE", "batch")`.
+    pub async fn service(&self, extra: &[(&str, &str)]) -> ServiceProc {
+        let port = free_port();
+        let log_path = log_dir().join(format!("{}.log", unique("service")));
+        let log = File::create(&log_path).expect("service log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferstream"));
+        cmd.arg("run")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .envs(self.service_env(port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        for (k, val) in extra {
+            cmd.env(format!("INFERSTREAM__{k}"), val);
+        }
+        let child = cmd.spawn().expect("start inferstream");
+        let proc = ServiceProc {
+            child,
+            metrics: SocketAddr::from(([127, 0, 0, 1], port)),
+            log: log_path,
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while http_get(&proc.url("/healthz")).await.is_err() {
+            assert!(
+                Instant::now() < end,
+                "service did not start; log: {}",
+                proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proc
+    }
+
+    pub async fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>) -> String {
+        let out = self
+            .s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("put {bucket}/{key}: {e:?}"));
+        out.e_tag.unwrap_or_default().trim_matches('"').to_string()
+    }
+
+    /// Produces raw payloads to the input topic, spread over partitions by key.
+    pub async fn produce(&self, payloads: &[(String, Vec<u8>)]) {
+        let sends = payloads.iter().map(|(key, payload)| {
+            self.producer.send(
+                FutureRecord::to(INPUT).key(key).payload(payload),
+                Timeout::Never,
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).expect("produce event");
+        }
+    }
+
+    pub fn collector(&self) -> Collector {
+        Collector::new(&self.kafka.bootstrap_servers())
+    }
+
+    /// The service group's committed offsets on the input topic.
+    pub fn committed(&self) -> BTreeMap<i32, i64> {
+        committed_offsets(&self.kafka.bootstrap_servers(), &self.group)
+    }
+
+    /// The input topic's end offsets.
+    pub fn input_ends(&self) -> BTreeMap<i32, i64> {
+        let c: StreamConsumer = client(&self.kafka.bootstrap_servers(), &unique("probe"));
+        (0..PARTITIONS)
+            .map(|p| {
+                let (_, hi) = c
+                    .fetch_watermarks(INPUT, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, hi)
+            })
+            .collect()
+    }
+
+    /// Waits until the service group has committed every input offset.
+    pub async fn wait_committed_to_end(&self, deadline: Duration) {
+        let ends = self.input_ends();
+        let end = Instant::now() + deadline;
+        loop {
+            let committed = self.committed();
+            if ends
+                .iter()
+                .all(|(p, hi)| *hi == 0 || committed.get(p) == Some(hi))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "offsets not committed to the end: committed {committed:?}, ends {ends:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SNS alerts delivered to the subscribed queue, as SNS envelopes.
+    pub async fn alerts(&self, want: usize, deadline: Duration) -> Vec<Value> {
+        let mut got = Vec::new();
+        let end = Instant::now() + deadline;
+        while got.len() < want {
+            assert!(
+                Instant::now() < end,
+                "got {} of {want} alerts: {got:#?}",
+                got.len()
+            );
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .expect("receive alerts");
+            for m in out.messages.unwrap_or_default() {
+                let body: Value =
+                    serde_json::from_str(m.body.as_deref().unwrap_or("")).expect("SNS envelope");
+                got.push(body);
+                if let Some(h) = m.receipt_handle {
+                    self.sqs
+                        .delete_message()
+                        .queue_url(&self.queue_url)
+                        .receipt_handle(h)
+                        .send()
+                        .await
+                        .expect("delete alert");
+                }
+            }
+        }
+        got
+    }
+}
+
+fn client<C: rdkafka::config::FromClientConfig>(brokers: &str, group: &str) -> C {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("kafka client")
+}
+
+pub fn committed_offsets(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
+    let c: StreamConsumer = client(brokers, group);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(INPUT, p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- outputs
+
+/// One output record.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub topic: String,
+    pub key: String,
+    pub value: Value,
+}
+
+/// Reads the results, review and dead-letter topics from the beginning.
+pub struct Collector {
+    consumer: StreamConsumer,
+    pub records: Vec<Out>,
+}
+
+impl Collector {
+    fn new(brokers: &str) -> Collector {
+        let consumer: StreamConsumer = client(brokers, &unique("reader"));
+        let mut tpl = TopicPartitionList::new();
+        for t in [RESULTS, REVIEW, DEAD] {
+            for p in 0..PARTITIONS {
+                tpl.add_partition_offset(t, p, Offset::Beginning)
+                    .expect("offset");
+            }
+        }
+        consumer.assign(&tpl).expect("assign outputs");
+        Collector {
+            consumer,
+            records: Vec::new(),
+        }
+    }
+
+    /// Reads until `done(records)` holds; panics after `deadline`.
+    pub async fn until<F: Fn(&[Out]) -> bool>(&mut self, what: &str, deadline: Duration, done: F) {
+        let end = Instant::now() + deadline;
+        while !done(&self.records) {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {deadline:?} waiting for {what}; have {} records: {}",
+                self.records.len(),
+                summary(&self.records)
+            );
+            if let Ok(m) =
+                tokio::time::timeout(left.min(Duration::from_millis(500)), self.consumer.recv())
+                    .await
+            {
+                let m = m.expect("read outputs");
+                let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                    .unwrap_or_else(|e| panic!("output on {} is not JSON: {e}", m.topic()));
+                self.records.push(Out {
+                    topic: m.topic().to_string(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                    value,
+                });
+            }
+        }
+    }
+
+    /// Reads whatever else arrives within `quiet` (to catch extra records).
+    pub async fn settle(&mut self, quiet: Duration) {
+        while let Ok(m) = tokio::time::timeout(quiet, self.consumer.recv()).await {
+            let m = m.expect("read outputs");
+            let value: Value =
+                serde_json::from_slice(m.payload().unwrap_or(b"null")).expect("JSON output");
+            self.records.push(Out {
+                topic: m.topic().to_string(),
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                value,
+            });
+        }
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<&Out> {
+        self.records.iter().filter(|r| r.topic == topic).collect()
+    }
+}
+
+pub fn summary(records: &[Out]) -> String {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for r in records {
+        let what = match r.value.get("reason").and_then(Value::as_str) {
+            Some(reason) => format!("{}:{reason}", r.topic),
+            None => r.topic.clone(),
+        };
+        *by.entry(what).or_default() += 1;
+    }
+    format!("{by:?}")
+}
+
+/// Predictions (results + review) per image id.
+pub fn predictions_by_id(records: &[Out]) -> HashMap<String, Vec<&Out>> {
+    let mut m: HashMap<String, Vec<&Out>> = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.topic == RESULTS || r.topic == REVIEW)
+    {
+        let id = r.value["id"].as_str().unwrap_or_default().to_string();
+        m.entry(id).or_default().push(r);
+    }
+    m
+}
+
+// ---------------------------------------------------------------- service
+
+pub struct ServiceProc {
+    child: Child,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ServiceProc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.metrics)
+    }
+
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        format!(
+            "{} (last lines)\n{}",
+            self.log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// Scrapes /metrics into `name{labels}` → value.
+    pub async fn metrics(&self) -> BTreeMap<String, f64> {
+        let (status, body) = http_get(&self.url("/metrics"))
+            .await
+            .expect("scrape /metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sum of a metric family over its labels that contain all of `with`.
+    pub async fn metric(&self, name: &str, with: &[&str]) -> f64 {
+        self.metrics()
+            .await
+            .iter()
+            .filter(|(k, _)| {
+                (k.as_str() == name || k.starts_with(&format!("{name}{{")))
+                    && with.iter().all(|w| k.contains(w))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (panics if it does not exit in `deadline`).
+    pub async fn terminate(mut self, deadline: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "service did not stop after SIGTERM; log: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- events
+
+/// Form-URL-encodes a key as S3 notifications do (`/` kept, space as `+`).
+pub fn s3_encode(key: &str) -> String {
+    encode(key, true)
+}
+
+fn encode(key: &str, keep_slash: bool) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        match b {
+            b' ' => out.push('+'),
+            b'/' if keep_slash => out.push('/'),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    S3,
+    Sns,
+    EventBridge,
+    Minio,
+}
+
+pub const SHAPES: [Shape; 4] = [Shape::S3, Shape::Sns, Shape::EventBridge, Shape::Minio];
+
+fn s3_record(bucket: &str, key: &str, size: usize, etag: &str, name: &str, version: &str) -> Value {
+    json!({
+        "eventVersion": version,
+        "eventSource": "aws:s3",
+        "awsRegion": REGION,
+        "eventTime": "2026-11-24T10:00:00.000Z",
+        "eventName": name,
+        "userIdentity": {"principalId": "AWS:AIDAEXAMPLE"},
+        "requestParameters": {"sourceIPAddress": "203.0.113.10"},
+        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "inferstream",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": format!("arn:aws:s3:::{bucket}")},
+            "object": {"key": key, "size": size, "eTag": etag, "sequencer": "0055AED6DCD90281E5"}
+        }
+    })
+}
+
+/// The upload event of one object in `shape`.
+pub fn event(shape: Shape, bucket: &str, key: &str, size: usize, etag: &str) -> Vec<u8> {
+    let v = match shape {
+        Shape::S3 => {
+            json!({"Records": [s3_record(bucket, &s3_encode(key), size, etag, "ObjectCreated:Put", "2.1")]})
+        }
+        Shape::Sns => {
+            let inner = json!({"Records": [s3_record(bucket, &s3_encode(key), size, etag, "ObjectCreated:Put", "2.2")]});
+            json!({
+                "Type": "Notification",
+                "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+                "TopicArn": "arn:aws:sns:us-east-1:123456789012:s3-uploads",
+                "Subject": "Amazon S3 Notification",
+                "Message": inner.to_string(),
+                "Timestamp": "2026-11-24T10:00:00.000Z",
+                "SignatureVersion": "1",
+                "Signature": "EXAMPLE",
+                "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService.pem",
+                "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe"
+            })
+        }
+        Shape::EventBridge => json!({
+            "version": "0",
+            "id": "17793124-05d4-b198-2fde-7ededc63b103",
+            "detail-type": "Object Created",
+            "source": "aws.s3",
+            "account": "123456789012",
+            "time": "2026-11-24T10:00:00Z",
+            "region": REGION,
+            "resources": [format!("arn:aws:s3:::{bucket}")],
+            "detail": {
+                "version": "0",
+                "bucket": {"name": bucket},
+                "object": {"key": key, "size": size, "etag": etag, "sequencer": "617f08299329d189"},
+                "request-id": "N4N7GDK58NMKJ12R",
+                "requester": "123456789012",
+                "source-ip-address": "203.0.113.10",
+                "reason": "PutObject"
+            }
+        }),
+        Shape::Minio => {
+            let enc = encode(key, false);
+            let mut rec = s3_record(bucket, &enc, size, etag, "s3:ObjectCreated:Put", "2.0");
+            rec["eventSource"] = json!("minio:s3");
+            json!({"EventName": "s3:ObjectCreated:Put", "Key": format!("{bucket}/{key}"), "Records": [rec]})
+        }
+    };
+    v.to_string().into_bytes()
+}

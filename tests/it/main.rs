@@ -1,0 +1,9 @@
+//! Integration tests: the real binary against real servers through real
+//! sockets (see `harness` for the stack). Run with `make test`, which
+//! installs `moto_server`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod harness;
+mod pipeline;

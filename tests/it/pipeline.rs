@@ -1,0 +1,586 @@
+//! The service end to end: events in, predictions, alerts and dead letters out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use image::ImageFormat;
+use inferstream::endpoint::model::{expected_confidence, test_image};
+use inferstream::endpoint::Faults;
+use serde_json::Value;
+
+use crate::harness::*;
+
+const LABELS: [&str; 2] = ["bicycle", "motorcycle"];
+const FORMATS: [(ImageFormat, &str); 5] = [
+    (ImageFormat::Png, "png"),
+    (ImageFormat::Jpeg, "jpg"),
+    (ImageFormat::Gif, "gif"),
+    (ImageFormat::WebP, "webp"),
+    (ImageFormat::Bmp, "bmp"),
+];
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// An uploaded image and what the model should say about it.
+struct Upload {
+    key: String,
+    id: String,
+    label: usize,
+    confidence: f64,
+    /// JPEG is lossy: its confidence is only close.
+    tolerance: f64,
+}
+
+impl Upload {
+    fn decision(&self) -> &'static str {
+        if self.confidence >= 0.93 {
+            "accepted"
+        } else {
+            "review"
+        }
+    }
+}
+
+/// Uploads `n` images (every format, keys with spaces and `+`) and returns
+/// them with one event each, in all four shapes in turn. Every tenth image
+/// scores 0.70 (review), the others 0.98.
+async fn upload_images(
+    stack: &Stack,
+    n: usize,
+    prefix: &str,
+) -> (Vec<Upload>, Vec<(String, Vec<u8>)>) {
+    let mut uploads = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..n {
+        let (format, ext) = FORMATS[i % FORMATS.len()];
+        let label = i % 2;
+        let confidence = if i % 10 == 3 { 0.70 } else { 0.98 };
+        let key = format!("{prefix}/set {}/img+{i}.{ext}", i % 7);
+        let body = test_image(label, confidence, 2, 24 + (i % 9) as u32, format);
+        let size = body.len();
+        let etag = stack.put_object("uploads", &key, body).await;
+        let shape = SHAPES[i % SHAPES.len()];
+        events.push((
+            format!("uploads/{key}"),
+            event(shape, "uploads", &key, size, &etag),
+        ));
+        uploads.push(Upload {
+            id: format!("uploads/{key}@{etag}"),
+            key,
+            label,
+            confidence: expected_confidence(confidence, 2),
+            tolerance: if format == ImageFormat::Jpeg {
+                0.02
+            } else {
+                1e-6
+            },
+        });
+    }
+    (uploads, events)
+}
+
+/// Every upload has exactly one prediction, on the topic its confidence
+/// calls for, with the right label, confidence and key.
+fn assert_exactly_one_prediction_each(uploads: &[Upload], records: &[Out]) {
+    let by_id = predictions_by_id(records);
+    for u in uploads {
+        let got = by_id.get(&u.id).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(
+            got.len(),
+            1,
+            "{}: {} predictions: {got:#?}",
+            u.id,
+            got.len()
+        );
+        let p = got[0];
+        let want_topic = if u.decision() == "accepted" {
+            RESULTS
+        } else {
+            REVIEW
+        };
+        assert_eq!(p.topic, want_topic, "{}", u.id);
+        assert_eq!(p.key, format!("uploads/{}", u.key));
+        let v = &p.value;
+        assert_eq!(v["schema"], "inferstream.prediction.v1");
+        assert_eq!(v["bucket"], "uploads");
+        assert_eq!(v["key"], u.key.as_str());
+        assert_eq!(v["label"], LABELS[u.label], "{}", u.id);
+        assert_eq!(v["decision"], u.decision(), "{}", u.id);
+        let conf = v["confidence"].as_f64().unwrap();
+        assert!(
+            (conf - u.confidence).abs() <= u.tolerance,
+            "{}: confidence {conf}, want {}",
+            u.id,
+            u.confidence
+        );
+        let scores = v["scores"].as_object().unwrap();
+        assert_eq!(scores.len(), 2);
+        assert!((scores.values().map(|s| s.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-6);
+        assert_eq!(v["threshold"], 0.93);
+        assert_eq!(v["endpoint"], "image-classifier");
+        assert_eq!(v["source"]["topic"], INPUT);
+        assert!(
+            v["latency_ms"]["total"].as_f64().unwrap()
+                >= v["latency_ms"]["infer"].as_f64().unwrap()
+        );
+    }
+    assert_eq!(
+        by_id.len(),
+        uploads.len(),
+        "predictions for images never uploaded"
+    );
+}
+
+async fn happy_path(mode: &str, n: usize) {
+    let stack = Stack::start(Faults::default()).await;
+    let (uploads, events) = upload_images(&stack, n, mode).await;
+    stack.produce(&events).await;
+    let service = stack.service(&[("ENDPOINT__MODE", mode)]).await;
+
+    let mut out = stack.collector();
+    out.until("a prediction per image", MINUTE, |r| {
+        predictions_by_id(r).len() >= n
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(500)).await;
+    assert!(
+        out.on(DEAD).is_empty(),
+        "dead letters: {}",
+        summary(&out.records)
+    );
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+
+    let review = uploads.iter().filter(|u| u.decision() == "review").count();
+    let alerts = stack.alerts(review, MINUTE).await;
+    assert_eq!(alerts.len(), review);
+
+    assert_eq!(
+        service
+            .metric("inferstream_events_consumed_total", &[])
+            .await,
+        n as f64
+    );
+    assert_eq!(
+        service.metric("inferstream_predictions_total", &[]).await,
+        n as f64
+    );
+    assert_eq!(
+        service
+            .metric("inferstream_predictions_total", &["decision=\"review\""])
+            .await,
+        review as f64
+    );
+    assert_eq!(
+        service
+            .metric("inferstream_alerts_published_total", &[])
+            .await,
+        review as f64
+    );
+    assert_eq!(
+        service.metric("inferstream_in_flight_images", &[]).await,
+        0.0
+    );
+    let requests = service
+        .metric("inferstream_inference_requests_total", &[])
+        .await;
+    if mode == "batch" {
+        assert!(
+            requests < n as f64,
+            "batch mode made {requests} calls for {n} images"
+        );
+    } else {
+        assert_eq!(requests, n as f64);
+    }
+    let (status, _) = http_get(&service.url("/readyz")).await.unwrap();
+    assert_eq!(status, 200, "/readyz while consuming");
+
+    let status = service.terminate(MINUTE).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn happy_path_per_image_200_images_four_shapes() {
+    happy_path("per-image", 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn happy_path_batch_mode() {
+    happy_path("batch", 120).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn low_confidence_goes_to_review_and_to_sns() {
+    let stack = Stack::start(Faults::default()).await;
+    let mut events = Vec::new();
+    let mut want = BTreeMap::new();
+    for (i, conf) in [0.55, 0.61, 0.8, 0.92].into_iter().enumerate() {
+        let key = format!("review/ü {i}.png");
+        let etag = stack
+            .put_object(
+                "uploads",
+                &key,
+                test_image(i % 2, conf, 2, 16, ImageFormat::Png),
+            )
+            .await;
+        events.push((key.clone(), event(Shape::S3, "uploads", &key, 0, &etag)));
+        want.insert(key, (LABELS[i % 2], expected_confidence(conf, 2)));
+    }
+    stack.produce(&events).await;
+    let _service = stack.service(&[]).await;
+
+    let mut out = stack.collector();
+    out.until("review records", MINUTE, |r| {
+        r.iter().filter(|o| o.topic == REVIEW).count() >= want.len()
+    })
+    .await;
+    for r in out.on(REVIEW) {
+        let (label, conf) = want[r.value["key"].as_str().unwrap()];
+        assert_eq!(r.value["label"], label);
+        assert_eq!(r.value["decision"], "review");
+        assert!((r.value["confidence"].as_f64().unwrap() - conf).abs() < 1e-6);
+    }
+
+    let alerts = stack.alerts(want.len(), MINUTE).await;
+    let mut seen = Vec::new();
+    for a in &alerts {
+        assert_eq!(a["Type"], "Notification");
+        assert_eq!(a["TopicArn"], stack.topic_arn.as_str());
+        let subject = a["Subject"].as_str().unwrap();
+        assert!(subject.starts_with("Low confidence: "), "{subject}");
+        assert!(
+            subject.len() < 100 && subject.is_ascii() && !subject.contains('\n'),
+            "{subject}"
+        );
+        let message = a["Message"].as_str().unwrap();
+        let json_at = message
+            .find("{\n")
+            .expect("the prediction JSON follows the text");
+        let record: Value =
+            serde_json::from_str(&message[json_at..]).expect("prediction JSON in the alert");
+        let key = record["key"].as_str().unwrap().to_string();
+        let (label, _) = want[&key];
+        assert!(
+            message.contains(&format!("s3://uploads/{key}")),
+            "{message}"
+        );
+        let attrs = &a["MessageAttributes"];
+        assert_eq!(attrs["label"]["Value"], label);
+        assert_eq!(attrs["decision"]["Value"], "review");
+        let c: f64 = attrs["confidence"]["Value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(c < 0.93);
+        seen.push(key);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        want.keys().cloned().collect::<Vec<_>>(),
+        "one alert per review image"
+    );
+    assert!(out.on(RESULTS).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_input_is_dead_lettered_and_the_service_keeps_going() {
+    let stack = Stack::start(Faults::default()).await;
+    let good = test_image(0, 0.99, 2, 16, ImageFormat::Png);
+    let big: Vec<u8> = good
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(0u8, 60_000))
+        .collect();
+    let big_etag = stack.put_object("uploads", "poison/huge.png", big).await;
+    let text_etag = stack
+        .put_object(
+            "uploads",
+            "poison/notes.png",
+            b"just some text, not a picture".to_vec(),
+        )
+        .await;
+    let other_etag = stack
+        .put_object("elsewhere", "poison/ok.png", good.clone())
+        .await;
+    let good_etag = stack
+        .put_object("uploads", "after/good.png", good.clone())
+        .await;
+
+    let malformed = b"{\"Records\": [{\"eventVersion\": \"2.1\", ".to_vec();
+    let test_event = br#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-24T10:00:00.000Z","Bucket":"uploads","RequestId":"5582815E1AEA5ADF","HostId":"8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3eKxsPzbB9wrR+YstdA6Knx4Ip8EXAMPLE"}"#.to_vec();
+    let events = vec![
+        ("a".to_string(), malformed.clone()),
+        (
+            "b".to_string(),
+            event(Shape::S3, "uploads", "poison/missing.png", 10, "0123"),
+        ),
+        (
+            "c".to_string(),
+            event(Shape::S3, "uploads", "poison/huge.png", 60_000, &big_etag),
+        ),
+        (
+            "d".to_string(),
+            event(
+                Shape::EventBridge,
+                "uploads",
+                "poison/notes.png",
+                29,
+                &text_etag,
+            ),
+        ),
+        (
+            "e".to_string(),
+            event(
+                Shape::Sns,
+                "elsewhere",
+                "poison/ok.png",
+                good.len(),
+                &other_etag,
+            ),
+        ),
+        ("f".to_string(), test_event),
+        (
+            "g".to_string(),
+            event(
+                Shape::Minio,
+                "uploads",
+                "after/good.png",
+                good.len(),
+                &good_etag,
+            ),
+        ),
+    ];
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("FETCH__MAX_OBJECT_BYTES", "50000"),
+            ("FILTER__ALLOWED_BUCKETS", "[\"uploads\"]"),
+        ])
+        .await;
+
+    let mut out = stack.collector();
+    out.until("five dead letters and the good prediction", MINUTE, |r| {
+        r.iter().filter(|o| o.topic == DEAD).count() >= 5 && r.iter().any(|o| o.topic == RESULTS)
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(500)).await;
+
+    let dead: BTreeMap<String, &Value> = out
+        .on(DEAD)
+        .iter()
+        .map(|o| (o.value["reason"].as_str().unwrap().to_string(), &o.value))
+        .collect();
+    assert_eq!(
+        out.on(DEAD).len(),
+        5,
+        "one dead letter each: {}",
+        summary(&out.records)
+    );
+    let expect = [
+        ("malformed_event", None),
+        ("object_not_found", Some(("uploads", "poison/missing.png"))),
+        ("object_too_large", Some(("uploads", "poison/huge.png"))),
+        ("not_an_image", Some(("uploads", "poison/notes.png"))),
+        ("bucket_not_allowed", Some(("elsewhere", "poison/ok.png"))),
+    ];
+    for (reason, object) in expect {
+        let d = dead
+            .get(reason)
+            .unwrap_or_else(|| panic!("no `{reason}` dead letter: {dead:#?}"));
+        assert_eq!(d["schema"], "inferstream.deadletter.v1");
+        assert!(!d["detail"].as_str().unwrap().is_empty());
+        assert_eq!(d["source"]["topic"], INPUT);
+        if let Some((bucket, key)) = object {
+            assert_eq!(d["bucket"], bucket, "{reason}");
+            assert_eq!(d["key"], key, "{reason}");
+        }
+        assert_eq!(
+            service
+                .metric(
+                    "inferstream_dead_letters_total",
+                    &[&format!("reason=\"{reason}\"")]
+                )
+                .await,
+            1.0,
+            "{reason}"
+        );
+    }
+    // The original message travels with its dead letter.
+    assert_eq!(
+        dead["malformed_event"]["payload"],
+        String::from_utf8(malformed).unwrap()
+    );
+    assert_eq!(
+        service
+            .metric(
+                "inferstream_records_skipped_total",
+                &["reason=\"test_event\""]
+            )
+            .await,
+        1.0
+    );
+    let results = out.on(RESULTS);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].value["key"], "after/good.png");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_mode_isolates_the_image_the_model_rejects() {
+    let stack = Stack::start(Faults::default()).await;
+    let mut events = Vec::new();
+    for i in 0..15 {
+        let key = format!("mixed/{i}.png");
+        let etag = stack
+            .put_object(
+                "uploads",
+                &key,
+                test_image(1, 0.99, 2, 16, ImageFormat::Png),
+            )
+            .await;
+        events.push((key.clone(), event(Shape::S3, "uploads", &key, 0, &etag)));
+    }
+    // A PNG signature with a body the model cannot decode: 424 ModelError.
+    let mut broken = test_image(0, 0.99, 2, 64, ImageFormat::Png);
+    broken.truncate(broken.len() / 2);
+    let etag = stack
+        .put_object("uploads", "mixed/broken.png", broken)
+        .await;
+    events.insert(
+        7,
+        (
+            "broken".into(),
+            event(Shape::S3, "uploads", "mixed/broken.png", 0, &etag),
+        ),
+    );
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("ENDPOINT__MODE", "batch"),
+            ("BATCH__MAX_WAIT", "500ms"),
+            ("ENDPOINT__CONCURRENCY", "1"),
+        ])
+        .await;
+
+    let mut out = stack.collector();
+    out.until("15 predictions and a dead letter", MINUTE, |r| {
+        r.iter().filter(|o| o.topic == RESULTS).count() >= 15 && r.iter().any(|o| o.topic == DEAD)
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+    let dead = out.on(DEAD);
+    assert_eq!(dead.len(), 1, "{}", summary(&out.records));
+    assert_eq!(dead[0].value["reason"], "endpoint_rejected");
+    assert_eq!(dead[0].value["key"], "mixed/broken.png");
+    assert_eq!(out.on(RESULTS).len(), 15);
+    assert!(service.metric("inferstream_batch_splits_total", &[]).await >= 1.0);
+    assert!(
+        stack
+            .endpoint
+            .stats
+            .model_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+async fn faulty_endpoint(mode: &str) {
+    let faults = Faults {
+        failure_rate: 0.15,
+        throttle_rate: 0.15,
+        seed: 7,
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, 80, mode).await;
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("ENDPOINT__MODE", mode),
+            ("ENDPOINT__MAX_ATTEMPTS", "12"),
+            ("BATCH__MAX_IMAGES", "4"),
+        ])
+        .await;
+    let mut out = stack.collector();
+    out.until("a prediction per image", MINUTE, |r| {
+        predictions_by_id(r).len() >= uploads.len()
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &stack.endpoint.stats;
+    assert!(stats.failed.load(Relaxed) > 0, "no 500 was injected");
+    assert!(
+        stats.throttled.load(Relaxed) > 0,
+        "no throttling was injected"
+    );
+    let errors = service
+        .metric("inferstream_inference_errors_total", &[])
+        .await;
+    assert_eq!(
+        errors as u64,
+        stats.failed.load(Relaxed) + stats.throttled.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_and_errors_are_retried_per_image() {
+    faulty_endpoint("per-image").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_and_errors_are_retried_in_batch_mode() {
+    faulty_endpoint("batch").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_stream_loses_nothing() {
+    let faults = Faults {
+        latency: Duration::from_millis(40),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let n = 300;
+    let (uploads, events) = upload_images(&stack, n, "restart").await;
+    stack.produce(&events).await;
+    let slow = [
+        ("ENDPOINT__CONCURRENCY", "2"),
+        ("PIPELINE__MAX_IN_FLIGHT", "64"),
+    ];
+    let mut first = stack.service(&slow).await;
+
+    let mut out = stack.collector();
+    out.until("a quarter of the predictions", MINUTE, |r| {
+        predictions_by_id(r).len() >= n / 4
+    })
+    .await;
+    first.kill();
+    let before = predictions_by_id(&out.records).len();
+    assert!(before < n, "the service finished before it was killed");
+
+    let _second = stack.service(&[]).await;
+    out.until(
+        "a prediction per image after the restart",
+        2 * MINUTE,
+        |r| predictions_by_id(r).len() >= n,
+    )
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+
+    let by_id = predictions_by_id(&out.records);
+    for u in &uploads {
+        assert!(by_id.contains_key(&u.id), "{} has no prediction", u.id);
+    }
+    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    eprintln!(
+        "restart: {before} predictions before SIGKILL, {duplicates} duplicates after restart"
+    );
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+}
