@@ -30,6 +30,15 @@ struct PartitionState {
 }
 
 impl PartitionState {
+    fn new(epoch: u64) -> PartitionState {
+        PartitionState {
+            epoch,
+            pending: BTreeSet::new(),
+            next: None,
+            sent: None,
+        }
+    }
+
     fn position(&self) -> Option<i64> {
         self.pending.first().copied().or(self.next)
     }
@@ -84,15 +93,7 @@ impl Tracker {
         let mut st = self.lock();
         st.next_epoch += 1;
         let epoch = st.next_epoch;
-        st.partitions.insert(
-            partition,
-            PartitionState {
-                epoch,
-                pending: BTreeSet::new(),
-                next: None,
-                sent: None,
-            },
-        );
+        st.partitions.insert(partition, PartitionState::new(epoch));
     }
 
     /// Stops tracking a partition (on revocation); returns its committable position.
@@ -111,23 +112,13 @@ impl Tracker {
         permit: Option<OwnedSemaphorePermit>,
     ) -> Ack {
         let epoch = {
-            let mut st = self.lock();
-            if !st.partitions.contains_key(&partition) {
-                st.next_epoch += 1;
-                let epoch = st.next_epoch;
-                st.partitions.insert(
-                    partition,
-                    PartitionState {
-                        epoch,
-                        pending: BTreeSet::new(),
-                        next: None,
-                        sent: None,
-                    },
-                );
-            }
-            let Some(p) = st.partitions.get_mut(&partition) else {
-                unreachable!("inserted above")
-            };
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let next_epoch = &mut st.next_epoch;
+            let p = st.partitions.entry(partition).or_insert_with(|| {
+                *next_epoch += 1;
+                PartitionState::new(*next_epoch)
+            });
             p.pending.insert(offset);
             p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
             p.epoch

@@ -17,7 +17,6 @@ use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use rdkafka::TopicPartitionList;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -343,7 +342,6 @@ fn set_paused(consumer: &StreamConsumer<SourceContext>, pause: bool) {
     if let Err(e) = result {
         tracing::debug!(error = %e, pause, "pause/resume failed");
     }
-    let _: &TopicPartitionList = &assignment;
 }
 
 fn dead_letter(job: &Job, reason: DeadLetterReason, detail: String) -> Output {
