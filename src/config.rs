@@ -33,6 +33,7 @@ pub struct Config {
     pub endpoint: EndpointConfig,
     pub route: RouteConfig,
     pub alerts: AlertsConfig,
+    pub capture: CaptureConfig,
     pub pipeline: PipelineConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -213,6 +214,43 @@ pub struct AlertsConfig {
     pub topic_arn: String,
     /// Publish attempts before `alert_failed`.
     pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Write sampled predictions to S3 as JSON Lines.
+    pub enabled: bool,
+    /// `s3://bucket/prefix`.
+    pub destination: String,
+    /// Percentage of predictions captured, 0 to 100.
+    pub sampling_percentage: f64,
+    /// Also capture the endpoint input (the image, base64).
+    pub capture_input: bool,
+    /// An object is written when its buffer reaches this size.
+    pub max_object_bytes: usize,
+    /// ... or when its oldest line is this old.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Attempts per object write.
+    pub max_attempts: u32,
+}
+
+impl CaptureConfig {
+    /// Bucket and prefix (without a trailing slash) of `destination`.
+    pub fn bucket_and_prefix(&self) -> Option<(String, String)> {
+        parse_s3_url(&self.destination)
+    }
+}
+
+/// `s3://bucket/prefix` → (bucket, prefix without surrounding slashes).
+pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return None;
+    }
+    Some((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -405,6 +443,31 @@ impl Config {
         }
         if self.fetch.timeout.is_zero() {
             err("fetch.timeout", "must be above zero".into());
+        }
+
+        let c = &self.capture;
+        if c.enabled {
+            if c.bucket_and_prefix().is_none() {
+                err(
+                    "capture.destination",
+                    format!("`{}` is not an s3://bucket/prefix URL", c.destination),
+                );
+            }
+            if !(0.0..=100.0).contains(&c.sampling_percentage) {
+                err(
+                    "capture.sampling_percentage",
+                    format!("{} is not between 0 and 100", c.sampling_percentage),
+                );
+            }
+            if c.max_object_bytes == 0 {
+                err("capture.max_object_bytes", "must be above zero".into());
+            }
+            if c.flush_interval.is_zero() {
+                err("capture.flush_interval", "must be above zero".into());
+            }
+            if c.max_attempts == 0 {
+                err("capture.max_attempts", "must be at least 1".into());
+            }
         }
 
         if self.batch.max_images == 0 {

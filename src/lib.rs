@@ -15,13 +15,15 @@
 //! ```
 //!
 //! Modules, one per stage: [`source`] (consumer callbacks and commits),
-//! [`decode`], [`fetch`], [`batch`], [`infer`], [`route`], [`sink`]; the
+//! [`decode`], [`fetch`], [`batch`], [`infer`], [`route`], [`sink`],
+//! [`capture`] (sampled predictions to S3); the
 //! wiring in [`pipeline`]; offsets in [`ack`]; [`config`], [`metrics`],
 //! [`http`], [`shutdown`]; the local model server in [`endpoint`].
 
 pub mod ack;
 pub mod aws;
 pub mod batch;
+pub mod capture;
 pub mod config;
 pub mod decode;
 pub mod endpoint;

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub committed_offset: IntGaugeVec,
     pub commit_failures: IntCounter,
+    pub capture_lines: IntCounter,
+    pub capture_objects: IntCounter,
+    pub capture_failed: IntCounter,
     pub assigned_partitions: IntGauge,
 }
 
@@ -117,6 +120,9 @@ impl Metrics {
                 &["partition"]
             )?),
             commit_failures: reg!(counter("inferstream_commit_failures_total", "Offset commits that failed")?),
+            capture_lines: reg!(counter("inferstream_capture_lines_total", "Predictions written to data capture")?),
+            capture_objects: reg!(counter("inferstream_capture_objects_total", "Data capture objects written to S3")?),
+            capture_failed: reg!(counter("inferstream_capture_failed_total", "Captured predictions lost because S3 writes failed every attempt")?),
             assigned_partitions: reg!(IntGauge::new("inferstream_assigned_partitions", "Input partitions assigned to this instance")?),
             registry,
         };

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Ack, Tracker};
+use crate::capture::{CaptureLine, Capturer};
 use crate::config::Config;
 use crate::decode::{decode, DeadLetterReason, ImageRef, Outcome};
 use crate::fetch::{Fetched, Fetcher};
@@ -83,6 +84,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.endpoint.clone(),
         metrics.clone(),
     );
+    let capture = if config.capture.enabled {
+        tracing::info!(destination = %config.capture.destination,
+            sampling_percentage = config.capture.sampling_percentage, "data capture on");
+        let client = crate::aws::s3_client(&sdk, &config);
+        Capturer::spawn(client, &config.capture, metrics.clone())
+    } else {
+        None
+    };
     let alerter = config.alerts.enabled.then(|| {
         Alerter::new(
             crate::aws::sns_client(&sdk, &config),
@@ -137,10 +146,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let task = tokio::spawn({
         let metrics = metrics.clone();
         async move {
+            let (capturer, capture_task) = capture.unzip();
             let result = run(
-                config, consumer, fetcher, inferrer, sink, alerter, tracker, metrics, shutdown,
+                config, consumer, fetcher, inferrer, sink, alerter, capturer, tracker, metrics,
+                shutdown,
             )
             .await;
+            // The capture writer flushes its last buffer once the stages are gone.
+            if let Some(task) = capture_task {
+                if tokio::time::timeout(std::time::Duration::from_secs(30), task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("data capture did not finish its last write in 30s");
+                }
+            }
             // Outputs still queued in librdkafka are delivered before we go.
             let _ = tokio::task::spawn_blocking(move || {
                 use rdkafka::producer::Producer;
@@ -167,6 +187,7 @@ async fn run(
     inferrer: Inferrer,
     sink: KafkaSink,
     alerter: Option<Alerter>,
+    capturer: Option<Capturer>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -195,6 +216,7 @@ async fn run(
         inferrer,
         config.clone(),
         metrics.clone(),
+        capturer,
         out_tx.clone(),
     ));
     let sinks = tokio::spawn(sink_stage(out_rx, sink, alerter, cap));
@@ -398,6 +420,7 @@ async fn infer_stage(
     inferrer: Inferrer,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    capturer: Option<Capturer>,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
     let concurrency = config.endpoint.concurrency.max(1);
@@ -422,10 +445,20 @@ async fn infer_stage(
             let out_tx = &out_tx;
             let config = &config;
             let metrics = &metrics;
+            let capturer = capturer.as_ref();
             async move {
                 for (item, result) in batch.into_iter().zip(results) {
                     let ack = item.job.ack.clone();
+                    let (kind, body) = (item.fetched.kind, item.fetched.body.clone());
                     let output = to_output(item, result, config, metrics);
+                    if let (Some(c), Output::Prediction(p)) = (capturer, &output) {
+                        if c.sampled() {
+                            let input = c
+                                .captures_input()
+                                .then(|| (kind.content_type(), body.as_ref()));
+                            c.send(CaptureLine::new(p, input)).await;
+                        }
+                    }
                     let _ = out_tx.send((output, ack)).await;
                 }
             }

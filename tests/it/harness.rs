@@ -173,7 +173,7 @@ impl Stack {
         );
         let sns = aws_sdk_sns::Client::new(&sdk);
         let sqs = aws_sdk_sqs::Client::new(&sdk);
-        for b in ["uploads", "elsewhere"] {
+        for b in ["uploads", "elsewhere", "capture"] {
             s3.create_bucket()
                 .bucket(b)
                 .send()
@@ -334,6 +334,43 @@ impl Stack {
         for r in futures::future::join_all(sends).await {
             r.map_err(|(e, _)| e).expect("produce event");
         }
+    }
+
+    /// Every data capture line under `s3://capture/<prefix>/`, with its object key.
+    pub async fn captured(&self, prefix: &str) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket("capture")
+            .prefix(format!("{prefix}/"))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for obj in page.expect("list capture").contents.unwrap_or_default() {
+                let key = obj.key.expect("object key");
+                let body = self
+                    .s3
+                    .get_object()
+                    .bucket("capture")
+                    .key(&key)
+                    .send()
+                    .await
+                    .expect("get capture object")
+                    .body
+                    .collect()
+                    .await
+                    .expect("read capture object")
+                    .into_bytes();
+                for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    out.push((
+                        key.clone(),
+                        serde_json::from_slice(line).expect("capture line is JSON"),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     pub fn collector(&self) -> Collector {

@@ -134,7 +134,19 @@ async fn happy_path(mode: &str, n: usize) {
     let stack = Stack::start(Faults::default()).await;
     let (uploads, events) = upload_images(&stack, n, mode).await;
     stack.produce(&events).await;
-    let service = stack.service(&[("ENDPOINT__MODE", mode)]).await;
+    // Data capture on, with a flush interval longer than the test: what
+    // reaches S3 is written by size or by the flush at shutdown.
+    let destination = format!("s3://capture/{mode}");
+    let service = stack
+        .service(&[
+            ("ENDPOINT__MODE", mode),
+            ("CAPTURE__ENABLED", "true"),
+            ("CAPTURE__DESTINATION", &destination),
+            ("CAPTURE__CAPTURE_INPUT", "true"),
+            ("CAPTURE__MAX_OBJECT_BYTES", "200000"),
+            ("CAPTURE__FLUSH_INTERVAL", "10m"),
+        ])
+        .await;
 
     let mut out = stack.collector();
     out.until("a prediction per image", MINUTE, |r| {
@@ -196,6 +208,40 @@ async fn happy_path(mode: &str, n: usize) {
 
     let status = service.terminate(MINUTE).await;
     assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    // Every prediction was captured (100% sampling), none lost at shutdown,
+    // in hour-partitioned objects, input and output included.
+    let captured = stack.captured(mode).await;
+    let mut ids: Vec<&str> = captured
+        .iter()
+        .map(|(_, l)| l["prediction"]["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "captured {} distinct of {n}", ids.len());
+    assert_eq!(captured.len(), n);
+    let objects: std::collections::BTreeSet<&str> =
+        captured.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        objects.len() > 1,
+        "max_object_bytes should have split the capture: {objects:?}"
+    );
+    for (key, line) in &captured {
+        let parts: Vec<&str> = key.split('/').collect();
+        assert_eq!(parts.len(), 6, "{key}: <prefix>/yyyy/mm/dd/hh/name");
+        assert_eq!(parts[0], mode);
+        let t = line["captured_at"].as_str().unwrap();
+        assert_eq!(
+            parts[1..5].join("/"),
+            format!("{}/{}/{}/{}", &t[0..4], &t[5..7], &t[8..10], &t[11..13])
+        );
+        assert!(key.ends_with(".jsonl"));
+        assert_eq!(line["schema"], "inferstream.capture.v1");
+        assert_eq!(line["endpoint_input"]["encoding"], "BASE64");
+        let scores: Vec<f64> =
+            serde_json::from_str(line["endpoint_output"]["data"].as_str().unwrap()).unwrap();
+        assert_eq!(scores.len(), 2);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
