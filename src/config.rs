@@ -313,6 +313,22 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let config = Self::load_unchecked_with_env(path, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Layers and parses like [`Config::load`] without [`Config::validate`],
+    /// for commands that use only part of the configuration (`report`,
+    /// `demo`) and check that part themselves.
+    pub fn load_unchecked(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_unchecked_with_env(path, std::env::vars())
+    }
+
+    fn load_unchecked_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut value = parse_toml("<embedded defaults>", DEFAULT_TOML)?;
         if let Some(path) = path {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -323,11 +339,9 @@ impl Config {
             merge(&mut value, user);
         }
         apply_env(&mut value, env)?;
-        let config: Config = value
+        value
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))?;
-        config.validate()?;
-        Ok(config)
+            .map_err(|e: toml::de::Error| ConfigError::Shape(e.message().to_string()))
     }
 
     /// Parses a complete TOML text layered on the defaults (no environment).

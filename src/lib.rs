@@ -18,7 +18,8 @@
 //! [`decode`], [`fetch`], [`batch`], [`infer`], [`route`], [`sink`],
 //! [`capture`] (sampled predictions to S3); the
 //! wiring in [`pipeline`]; offsets in [`ack`]; [`config`], [`metrics`],
-//! [`http`], [`shutdown`]; the local model server in [`endpoint`].
+//! [`http`], [`shutdown`]; the local model server in [`endpoint`]; charts
+//! from data capture in [`report`].
 
 pub mod ack;
 pub mod aws;
@@ -34,6 +35,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
+pub mod report;
 pub mod route;
 pub mod shutdown;
 pub mod sink;

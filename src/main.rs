@@ -36,6 +36,19 @@ enum Command {
     Endpoint(EndpointArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Draw charts (PNG and SVG) from data capture.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Where the capture is: s3://bucket/prefix (S3 settings from the
+    /// configuration's aws.s3 section) or a local directory.
+    #[arg(long, value_name = "S3_URL_OR_DIR")]
+    from: String,
+    /// Directory the charts are written to.
+    #[arg(long, default_value = "report", value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -86,15 +99,15 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
+fn config_path(path: Option<PathBuf>) -> Option<PathBuf> {
+    path.or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.exists().then_some(default)
+    })
+}
+
 fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
-    let path = match path {
-        Some(p) => Some(p),
-        None => {
-            let default = PathBuf::from(DEFAULT_CONFIG);
-            default.exists().then_some(default)
-        }
-    };
-    Config::load(path.as_deref()).map_err(|e| e.to_string())
+    Config::load(config_path(path).as_deref()).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -110,99 +123,159 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::CheckConfig => match load_config(cli.config) {
-            Ok(cfg) => {
-                println!("# configuration is valid; effective values, secrets redacted:\n");
-                print!("{cfg}");
-                ExitCode::SUCCESS
-            }
+        Command::CheckConfig => check_config(cli.config),
+        Command::Run => runtime.block_on(run(cli.config)),
+        Command::Endpoint(args) => runtime.block_on(endpoint(args)),
+        Command::Report(args) => runtime.block_on(report(cli.config, args)),
+    }
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    match load_config(path) {
+        Ok(cfg) => {
+            println!("# configuration is valid; effective values, secrets redacted:\n");
+            print!("{cfg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(path: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log.format, &cfg.log.level);
+    let shutdown = CancellationToken::new();
+    if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
+        tracing::error!(error = %e, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    let service = match inferstream::start(cfg, shutdown).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match service.wait().await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped on error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn endpoint(args: EndpointArgs) -> ExitCode {
+    init_logging(LogFormat::Text, "info");
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %args.listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
+        tracing::error!(error = %e, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    let opts = EndpointOptions {
+        name: args.name,
+        classes: args.classes.max(1),
+        faults: Faults {
+            latency: args.latency,
+            latency_per_image: args.latency_per_image,
+            failure_rate: args.failure_rate,
+            throttle_rate: args.throttle_rate,
+            outage_after: args.outage_after,
+            outage_for: args.outage_for,
+            seed: args.seed,
+        },
+    };
+    let running = match inferstream::endpoint::spawn(listener, opts, shutdown) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the endpoint");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(url = %running.url(), "endpoint listening");
+    match running.task.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "endpoint failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "endpoint task failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn report(path: Option<PathBuf>, args: ReportArgs) -> ExitCode {
+    init_logging(LogFormat::Text, "warn");
+    let loaded = if args.from.starts_with("s3://") {
+        let Some((bucket, prefix)) = inferstream::config::parse_s3_url(&args.from) else {
+            eprintln!("error: --from `{}` is not s3://bucket/prefix", args.from);
+            return ExitCode::from(2);
+        };
+        let cfg = match Config::load_unchecked(config_path(path).as_deref()) {
+            Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(2)
+                return ExitCode::from(2);
             }
-        },
-        Command::Run => {
-            let cfg = match load_config(cli.config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            init_logging(cfg.log.format, &cfg.log.level);
-            runtime.block_on(async move {
-                let shutdown = CancellationToken::new();
-                if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
-                    tracing::error!(error = %e, "cannot install signal handlers");
-                    return ExitCode::FAILURE;
-                }
-                let service = match inferstream::start(cfg, shutdown).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "cannot start");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                match service.wait().await {
-                    Ok(()) => {
-                        tracing::info!("stopped");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "stopped on error");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+        };
+        let sdk = inferstream::aws::sdk_config(&cfg).await;
+        let client = inferstream::aws::s3_client(&sdk, &cfg);
+        inferstream::report::load_s3(&client, &bucket, &prefix).await
+    } else {
+        inferstream::report::load_dir(std::path::Path::new(&args.from))
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
         }
-        Command::Endpoint(args) => {
-            init_logging(LogFormat::Text, "info");
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(&args.listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(listen = %args.listen, error = %e, "cannot listen");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let shutdown = CancellationToken::new();
-                if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
-                    tracing::error!(error = %e, "cannot install signal handlers");
-                    return ExitCode::FAILURE;
-                }
-                let opts = EndpointOptions {
-                    name: args.name,
-                    classes: args.classes.max(1),
-                    faults: Faults {
-                        latency: args.latency,
-                        latency_per_image: args.latency_per_image,
-                        failure_rate: args.failure_rate,
-                        throttle_rate: args.throttle_rate,
-                        outage_after: args.outage_after,
-                        outage_for: args.outage_for,
-                        seed: args.seed,
-                    },
-                };
-                let running = match inferstream::endpoint::spawn(listener, opts, shutdown) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the endpoint");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                tracing::info!(url = %running.url(), "endpoint listening");
-                match running.task.await {
-                    Ok(Ok(())) => ExitCode::SUCCESS,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "endpoint failed");
-                        ExitCode::FAILURE
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "endpoint task failed");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+    };
+    println!(
+        "read {} predictions from {} capture objects in {}{}",
+        loaded.points.len(),
+        loaded.objects,
+        args.from,
+        if loaded.bad_lines > 0 {
+            format!(
+                " ({} lines were not capture records and were skipped)",
+                loaded.bad_lines
+            )
+        } else {
+            String::new()
+        }
+    );
+    match inferstream::report::render(&loaded.points, &args.out) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

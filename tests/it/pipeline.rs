@@ -242,6 +242,41 @@ async fn happy_path(mode: &str, n: usize) {
             serde_json::from_str(line["endpoint_output"]["data"].as_str().unwrap()).unwrap();
         assert_eq!(scores.len(), 2);
     }
+
+    // `inferstream report` draws the charts from that capture.
+    let charts = tempfile::tempdir().unwrap();
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_inferstream"))
+        .args(["report", "--from", &destination, "--out"])
+        .arg(charts.path())
+        .envs(stack.service_env(free_port()))
+        .output()
+        .expect("run report");
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("read {n} predictions")),
+        "{stdout}"
+    );
+    for chart in [
+        "confidence-over-time",
+        "confidence-histogram",
+        "decisions-by-label",
+    ] {
+        for ext in ["png", "svg"] {
+            let f = charts.path().join(format!("{chart}.{ext}"));
+            assert!(
+                std::fs::metadata(&f)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false),
+                "{}",
+                f.display()
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,527 @@
+//! `inferstream report`: charts from data capture, as PNG and SVG.
+//!
+//! Reads the JSON Lines objects [`crate::capture`] writes, from S3 or a
+//! local directory, and draws three charts: confidence over time coloured by
+//! decision with the threshold line, a histogram of confidences, and
+//! accepted vs review counts per label.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::SystemTime;
+
+use anyhow::{bail, Context as _};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::Deserialize;
+
+const FONT: &str = "sans-serif";
+static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+const ACCEPTED: RGBColor = RGBColor(0x2a, 0x9d, 0x5c);
+const REVIEW: RGBColor = RGBColor(0xe0, 0x6c, 0x1f);
+const THRESHOLD: RGBColor = RGBColor(0x33, 0x33, 0x99);
+const SIZE: (u32, u32) = (1000, 600);
+
+/// One captured prediction, as much as the charts need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub label: String,
+    pub confidence: f64,
+    pub threshold: f64,
+    pub accepted: bool,
+}
+
+#[derive(Deserialize)]
+struct Line {
+    prediction: LinePrediction,
+}
+
+#[derive(Deserialize)]
+struct LinePrediction {
+    processed_at: String,
+    label: String,
+    confidence: f64,
+    threshold: f64,
+    decision: String,
+}
+
+/// What was read: the points, and how many lines could not be used.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub points: Vec<Point>,
+    pub objects: usize,
+    pub bad_lines: usize,
+}
+
+impl Loaded {
+    fn add_object(&mut self, text: &[u8]) {
+        self.objects += 1;
+        for line in text.split(|b| *b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match parse_line(line) {
+                Some(p) => self.points.push(p),
+                None => self.bad_lines += 1,
+            }
+        }
+    }
+}
+
+fn parse_line(line: &[u8]) -> Option<Point> {
+    let l: Line = serde_json::from_slice(line).ok()?;
+    let p = l.prediction;
+    let time = humantime::parse_rfc3339_weak(&p.processed_at)
+        .ok()?
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    Some(Point {
+        time,
+        label: p.label,
+        confidence: p.confidence,
+        threshold: p.threshold,
+        accepted: p.decision == "accepted",
+    })
+}
+
+/// Reads every `*.jsonl` file under `dir`, recursively.
+pub fn load_dir(dir: &Path) -> anyhow::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .with_context(|| format!("cannot read directory {}", d.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
+                let bytes = std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                loaded.add_object(&bytes);
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// Reads every `*.jsonl` object under `s3://bucket/prefix`.
+pub async fn load_s3(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> anyhow::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    let list_prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(&list_prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot list s3://{bucket}/{list_prefix}: {}",
+                crate::aws::describe(&e)
+            )
+        })?;
+        for obj in page.contents.unwrap_or_default() {
+            let Some(key) = obj.key.filter(|k| k.ends_with(".jsonl")) else {
+                continue;
+            };
+            let out = client
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read s3://{bucket}/{key}: {}",
+                        crate::aws::describe(&e)
+                    )
+                })?;
+            let bytes = out
+                .body
+                .collect()
+                .await
+                .with_context(|| format!("reading s3://{bucket}/{key}"))?
+                .into_bytes();
+            loaded.add_object(&bytes);
+        }
+    }
+    Ok(loaded)
+}
+
+/// Writes the three charts as PNG and SVG into `out`; returns the files.
+pub fn render(points: &[Point], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if points.is_empty() {
+        bail!("no captured predictions to plot");
+    }
+    REGISTER.call_once(|| {
+        if plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_err() {
+            tracing::warn!("the embedded font could not be loaded; charts will have no text");
+        }
+    });
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
+    for (name, chart) in [
+        ("confidence-over-time", Chart::OverTime),
+        ("confidence-histogram", Chart::Histogram),
+        ("decisions-by-label", Chart::ByLabel),
+    ] {
+        let png = out.join(format!("{name}.png"));
+        let svg = out.join(format!("{name}.svg"));
+        {
+            let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+            chart
+                .draw(&root, points)
+                .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
+            root.present()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
+        }
+        {
+            let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+            chart
+                .draw(&root, points)
+                .map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
+            root.present()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
+        }
+        written.push(png);
+        written.push(svg);
+    }
+    Ok(written)
+}
+
+#[derive(Clone, Copy)]
+enum Chart {
+    OverTime,
+    Histogram,
+    ByLabel,
+}
+
+type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+impl Chart {
+    fn draw<DB: DrawingBackend>(
+        self,
+        root: &DrawingArea<DB, Shift>,
+        points: &[Point],
+    ) -> DrawResult<DB> {
+        root.fill(&WHITE)?;
+        match self {
+            Chart::OverTime => over_time(root, points),
+            Chart::Histogram => histogram(root, points),
+            Chart::ByLabel => by_label(root, points),
+        }
+    }
+}
+
+/// The threshold most predictions were judged by.
+fn main_threshold(points: &[Point]) -> f64 {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for p in points {
+        *counts.entry(p.threshold.to_bits()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or(0.0, |(bits, _)| f64::from_bits(bits))
+}
+
+fn time_label(secs: f64) -> String {
+    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs.max(0.0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn over_time<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[Point],
+) -> DrawResult<DB> {
+    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
+    let t1 = points
+        .iter()
+        .map(|p| p.time)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let span = ((t1 - t0) / 60.0).max(1.0 / 60.0);
+    let threshold = main_threshold(points);
+    let y_min = points
+        .iter()
+        .map(|p| p.confidence)
+        .fold(threshold, f64::min)
+        .min(0.9);
+    let y_min = (y_min * 10.0).floor() / 10.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption("Confidence over time", (FONT, 28))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..span * 1.02, y_min..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("minutes since {}", time_label(t0)))
+        .y_desc("confidence of the top label")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    for (accepted, colour, name) in [(true, ACCEPTED, "accepted"), (false, REVIEW, "review")] {
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.accepted == accepted)
+            .map(|p| ((p.time - t0) / 60.0, p.confidence))
+            .collect();
+        let n = series.len();
+        chart
+            .draw_series(
+                series
+                    .into_iter()
+                    .map(|xy| Circle::new(xy, 3, colour.mix(0.7).filled())),
+            )?
+            .label(format!("{name} ({n})"))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, colour.filled()));
+    }
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, threshold), (span * 1.02, threshold)],
+            8,
+            5,
+            THRESHOLD.stroke_width(2),
+        ))?
+        .label(format!("threshold {threshold}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    Ok(())
+}
+
+fn histogram<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[Point],
+) -> DrawResult<DB> {
+    const BINS: usize = 50;
+    let mut accepted = [0u32; BINS];
+    let mut review = [0u32; BINS];
+    for p in points {
+        let bin = ((p.confidence.clamp(0.0, 1.0) * BINS as f64) as usize).min(BINS - 1);
+        if p.accepted {
+            accepted[bin] += 1;
+        } else {
+            review[bin] += 1;
+        }
+    }
+    let top = accepted
+        .iter()
+        .zip(&review)
+        .map(|(a, r)| a + r)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let threshold = main_threshold(points);
+    let lowest = points
+        .iter()
+        .map(|p| p.confidence)
+        .fold(threshold, f64::min);
+    let x_min = ((lowest * 10.0).floor() / 10.0).clamp(0.0, 0.9);
+    let mut chart = ChartBuilder::on(root)
+        .caption("Distribution of confidence", (FONT, 28))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_min..1.0, 0u32..top + top / 10 + 1)?;
+    chart
+        .configure_mesh()
+        .x_desc("confidence of the top label")
+        .y_desc("predictions")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let width = 1.0 / BINS as f64;
+    // Stacked: review at the bottom, accepted on top.
+    let review_bars = review
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| {
+            let x = i as f64 * width;
+            Rectangle::new([(x, 0), (x + width, *n)], REVIEW.filled())
+        });
+    chart
+        .draw_series(review_bars)?
+        .label(format!("review ({})", review.iter().sum::<u32>()))
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], REVIEW.filled()));
+    let accepted_bars = accepted
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| {
+            let x = i as f64 * width;
+            Rectangle::new(
+                [(x, review[i]), (x + width, review[i] + n)],
+                ACCEPTED.filled(),
+            )
+        });
+    chart
+        .draw_series(accepted_bars)?
+        .label(format!("accepted ({})", accepted.iter().sum::<u32>()))
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ACCEPTED.filled()));
+    let y_top = top + top / 10 + 1;
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(threshold, 0), (threshold, y_top)],
+            8,
+            5,
+            THRESHOLD.stroke_width(2),
+        ))?
+        .label(format!("threshold {threshold}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    Ok(())
+}
+
+fn by_label<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point]) -> DrawResult<DB> {
+    let mut counts: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    for p in points {
+        let c = counts.entry(p.label.as_str()).or_default();
+        if p.accepted {
+            c.0 += 1;
+        } else {
+            c.1 += 1;
+        }
+    }
+    let labels: Vec<&str> = counts.keys().copied().collect();
+    let top = counts
+        .values()
+        .map(|(a, r)| *a.max(r))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let n = labels.len();
+    let mut chart = ChartBuilder::on(root)
+        .caption("Accepted and review predictions by label", (FONT, 28))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..n as f64 - 0.5, 0u32..top + top / 10 + 1)?;
+    let names = labels.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n.max(1) * 2 + 1)
+        .x_label_formatter(&move |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                names
+                    .get(i as usize)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("label")
+        .y_desc("predictions")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let bar = 0.35;
+    let series = |accepted: bool| {
+        labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (a, r) = counts[l];
+                let x = i as f64;
+                if accepted {
+                    Rectangle::new([(x - bar, 0), (x, a)], ACCEPTED.filled())
+                } else {
+                    Rectangle::new([(x, 0), (x + bar, r)], REVIEW.filled())
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let total = |f: fn(&(u32, u32)) -> u32| counts.values().map(f).sum::<u32>();
+    chart
+        .draw_series(series(true))?
+        .label(format!("accepted ({})", total(|c| c.0)))
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], ACCEPTED.filled()));
+    chart
+        .draw_series(series(false))?
+        .label(format!("review ({})", total(|c| c.1)))
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], REVIEW.filled()));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_that_are_not_captures_are_counted_not_fatal() {
+        let mut l = Loaded::default();
+        l.add_object(
+            b"{\"prediction\": {\"processed_at\": \"2026-11-24T10:00:00.000Z\", \"label\": \"bicycle\", \
+              \"confidence\": 0.97, \"threshold\": 0.93, \"decision\": \"accepted\"}}\n\
+              not json\n\n{\"prediction\": {}}\n",
+        );
+        assert_eq!(l.objects, 1);
+        assert_eq!(l.points.len(), 1);
+        assert_eq!(l.bad_lines, 2);
+        assert!(l.points[0].accepted);
+    }
+
+    #[test]
+    fn renders_six_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let points: Vec<Point> = (0..50)
+            .map(|i| Point {
+                time: 1_800_000_000.0 + f64::from(i) * 3.0,
+                label: ["bicycle", "motorcycle"][i as usize % 2].into(),
+                confidence: 0.5 + f64::from(i) / 100.0,
+                threshold: 0.93,
+                accepted: 0.5 + f64::from(i) / 100.0 >= 0.93,
+            })
+            .collect();
+        let files = render(&points, dir.path()).unwrap();
+        assert_eq!(files.len(), 6);
+        for f in files {
+            assert!(
+                std::fs::metadata(&f).unwrap().len() > 1000,
+                "{}",
+                f.display()
+            );
+        }
+        assert!(render(&[], dir.path()).is_err());
+    }
+}
