@@ -167,6 +167,15 @@ pub enum RequestMode {
     Batch,
 }
 
+impl RequestMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestMode::PerImage => "per-image",
+            RequestMode::Batch => "batch",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {

@@ -38,6 +38,25 @@ enum Command {
     CheckConfig,
     /// Draw charts (PNG and SVG) from data capture.
     Report(ReportArgs),
+    /// Run the whole pipeline on this machine with embedded Kafka, S3 and
+    /// endpoint: upload sample images and watch them being classified.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Sample images to upload.
+    #[arg(long, default_value_t = 200)]
+    images: usize,
+    /// Confidence threshold (default: route.threshold of the configuration).
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Request mode (default: endpoint.mode of the configuration).
+    #[arg(long, value_parser = ["per-image", "batch"])]
+    mode: Option<String>,
+    /// Directory the report charts are written to.
+    #[arg(long, default_value = "demo-report", value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -127,6 +146,42 @@ fn main() -> ExitCode {
         Command::Run => runtime.block_on(run(cli.config)),
         Command::Endpoint(args) => runtime.block_on(endpoint(args)),
         Command::Report(args) => runtime.block_on(report(cli.config, args)),
+        Command::Demo(args) => runtime.block_on(demo(cli.config, args)),
+    }
+}
+
+async fn demo(path: Option<PathBuf>, args: DemoArgs) -> ExitCode {
+    let cfg = match Config::load_unchecked(config_path(path).as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The embedded S3 server logs every error response it sends; the demo
+    // shows outcomes itself.
+    init_logging(cfg.log.format, "warn,s3s=off");
+    let opts = inferstream::demo::DemoOptions {
+        images: args.images,
+        threshold: args.threshold,
+        report_dir: args.out,
+        mode: args.mode.map(|m| {
+            if m == "batch" {
+                inferstream::config::RequestMode::Batch
+            } else {
+                inferstream::config::RequestMode::PerImage
+            }
+        }),
+    };
+    match inferstream::demo::run(cfg, opts).await {
+        Ok(summary) => {
+            println!("\nsummary\n{}", summary.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

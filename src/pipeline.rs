@@ -68,12 +68,22 @@ impl Service {
     }
 }
 
-/// Starts the service; it runs until `shutdown` is cancelled.
+/// Starts the service; it runs until `shutdown` is cancelled. AWS
+/// credentials and region come from the standard chain.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Service> {
+    let sdk = crate::aws::sdk_config(&config).await;
+    start_with_sdk(config, sdk, shutdown).await
+}
+
+/// As [`start`], with the AWS SDK settings given (the demo uses static
+/// credentials for its embedded services).
+pub async fn start_with_sdk(
+    config: Config,
+    sdk: aws_config::SdkConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Service> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let tracker = Tracker::new(metrics.clone());
-
-    let sdk = crate::aws::sdk_config(&config).await;
     let fetcher = Fetcher::new(
         crate::aws::s3_client(&sdk, &config),
         config.fetch.clone(),

@@ -254,7 +254,12 @@ fn over_time<DB: DrawingBackend>(
         .iter()
         .map(|p| p.time)
         .fold(f64::NEG_INFINITY, f64::max);
-    let span = ((t1 - t0) / 60.0).max(1.0 / 60.0);
+    let (unit, per) = match t1 - t0 {
+        s if s < 120.0 => ("seconds", 1.0),
+        s if s < 7200.0 => ("minutes", 60.0),
+        _ => ("hours", 3600.0),
+    };
+    let span = ((t1 - t0) / per).max(1e-3) * 1.02;
     let threshold = main_threshold(points);
     let y_min = points
         .iter()
@@ -267,10 +272,10 @@ fn over_time<DB: DrawingBackend>(
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..span * 1.02, y_min..1.0)?;
+        .build_cartesian_2d(0.0..span, y_min..1.0)?;
     chart
         .configure_mesh()
-        .x_desc(format!("minutes since {}", time_label(t0)))
+        .x_desc(format!("{unit} since {}", time_label(t0)))
         .y_desc("confidence of the top label")
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
@@ -280,7 +285,7 @@ fn over_time<DB: DrawingBackend>(
         let series: Vec<(f64, f64)> = points
             .iter()
             .filter(|p| p.accepted == accepted)
-            .map(|p| ((p.time - t0) / 60.0, p.confidence))
+            .map(|p| ((p.time - t0) / per, p.confidence))
             .collect();
         let n = series.len();
         chart
@@ -294,7 +299,7 @@ fn over_time<DB: DrawingBackend>(
     }
     chart
         .draw_series(DashedLineSeries::new(
-            vec![(0.0, threshold), (span * 1.02, threshold)],
+            vec![(0.0, threshold), (span, threshold)],
             8,
             5,
             THRESHOLD.stroke_width(2),

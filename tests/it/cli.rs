@@ -110,3 +110,57 @@ async fn endpoint_command_serves_ping_and_invocations() {
         "{probs:?}"
     );
 }
+
+#[test]
+fn demo_classifies_every_image_and_writes_the_report() {
+    let out = tempfile::tempdir().unwrap();
+    let report = out.path().join("report");
+    let (code, stdout, stderr) = inferstream(
+        &[
+            "demo",
+            "--images",
+            "60",
+            "--threshold",
+            "0.9",
+            "--out",
+            report.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let row = |name: &str| -> usize {
+        stdout
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` row in:\n{stdout}"))
+    };
+    assert_eq!(row("images"), 60);
+    assert_eq!(
+        row("accepted") + row("review (alerts)") + row("dead letters"),
+        60,
+        "{stdout}"
+    );
+    assert!(
+        row("accepted") > 0 && row("review (alerts)") > 0,
+        "{stdout}"
+    );
+    assert!(stdout.contains("threshold 0.9"), "{stdout}");
+    assert!(stdout.contains("/metrics"), "{stdout}");
+    for chart in [
+        "confidence-over-time",
+        "confidence-histogram",
+        "decisions-by-label",
+    ] {
+        for ext in ["png", "svg"] {
+            assert!(
+                report.join(format!("{chart}.{ext}")).exists(),
+                "{chart}.{ext}"
+            );
+        }
+    }
+}

@@ -19,10 +19,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use inferstream::endpoint::{EndpointOptions, Faults, RunningEndpoint};
+pub use inferstream::events::{event, Shape, SHAPES};
 
 pub const REGION: &str = "us-east-1";
 pub const INPUT: &str = "s3-events";
@@ -669,105 +670,4 @@ impl Drop for ServiceProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-// ---------------------------------------------------------------- events
-
-/// Form-URL-encodes a key as S3 notifications do (`/` kept, space as `+`).
-pub fn s3_encode(key: &str) -> String {
-    encode(key, true)
-}
-
-fn encode(key: &str, keep_slash: bool) -> String {
-    let mut out = String::new();
-    for b in key.bytes() {
-        match b {
-            b' ' => out.push('+'),
-            b'/' if keep_slash => out.push('/'),
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
-    S3,
-    Sns,
-    EventBridge,
-    Minio,
-}
-
-pub const SHAPES: [Shape; 4] = [Shape::S3, Shape::Sns, Shape::EventBridge, Shape::Minio];
-
-fn s3_record(bucket: &str, key: &str, size: usize, etag: &str, name: &str, version: &str) -> Value {
-    json!({
-        "eventVersion": version,
-        "eventSource": "aws:s3",
-        "awsRegion": REGION,
-        "eventTime": "2026-11-24T10:00:00.000Z",
-        "eventName": name,
-        "userIdentity": {"principalId": "AWS:AIDAEXAMPLE"},
-        "requestParameters": {"sourceIPAddress": "203.0.113.10"},
-        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810"},
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            "configurationId": "inferstream",
-            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": format!("arn:aws:s3:::{bucket}")},
-            "object": {"key": key, "size": size, "eTag": etag, "sequencer": "0055AED6DCD90281E5"}
-        }
-    })
-}
-
-/// The upload event of one object in `shape`.
-pub fn event(shape: Shape, bucket: &str, key: &str, size: usize, etag: &str) -> Vec<u8> {
-    let v = match shape {
-        Shape::S3 => {
-            json!({"Records": [s3_record(bucket, &s3_encode(key), size, etag, "ObjectCreated:Put", "2.1")]})
-        }
-        Shape::Sns => {
-            let inner = json!({"Records": [s3_record(bucket, &s3_encode(key), size, etag, "ObjectCreated:Put", "2.2")]});
-            json!({
-                "Type": "Notification",
-                "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
-                "TopicArn": "arn:aws:sns:us-east-1:123456789012:s3-uploads",
-                "Subject": "Amazon S3 Notification",
-                "Message": inner.to_string(),
-                "Timestamp": "2026-11-24T10:00:00.000Z",
-                "SignatureVersion": "1",
-                "Signature": "EXAMPLE",
-                "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService.pem",
-                "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe"
-            })
-        }
-        Shape::EventBridge => json!({
-            "version": "0",
-            "id": "17793124-05d4-b198-2fde-7ededc63b103",
-            "detail-type": "Object Created",
-            "source": "aws.s3",
-            "account": "123456789012",
-            "time": "2026-11-24T10:00:00Z",
-            "region": REGION,
-            "resources": [format!("arn:aws:s3:::{bucket}")],
-            "detail": {
-                "version": "0",
-                "bucket": {"name": bucket},
-                "object": {"key": key, "size": size, "etag": etag, "sequencer": "617f08299329d189"},
-                "request-id": "N4N7GDK58NMKJ12R",
-                "requester": "123456789012",
-                "source-ip-address": "203.0.113.10",
-                "reason": "PutObject"
-            }
-        }),
-        Shape::Minio => {
-            let enc = encode(key, false);
-            let mut rec = s3_record(bucket, &enc, size, etag, "s3:ObjectCreated:Put", "2.0");
-            rec["eventSource"] = json!("minio:s3");
-            json!({"EventName": "s3:ObjectCreated:Put", "Key": format!("{bucket}/{key}"), "Records": [rec]})
-        }
-    };
-    v.to_string().into_bytes()
 }
