@@ -40,6 +40,13 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    pub const ALL: [SkipReason; 4] = [
+        SkipReason::TestEvent,
+        SkipReason::NotCreate,
+        SkipReason::KeyFiltered,
+        SkipReason::DirectoryMarker,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::TestEvent => "test_event",

@@ -280,13 +280,7 @@ impl Inferrer {
                     ),
                 ),
             };
-            let kind = match class {
-                ErrorClass::Throttled => "throttled",
-                ErrorClass::Unavailable => "server_error",
-                ErrorClass::Timeout => "timeout",
-                ErrorClass::Network => "network",
-                ErrorClass::Rejected => "rejected",
-            };
+            let kind = error_kind(class);
             self.metrics
                 .inference_errors
                 .with_label_values(&[kind])
@@ -309,6 +303,26 @@ impl Inferrer {
 }
 
 /// `{"instances": [{"b64": "..."}, ...]}`
+/// The `kind` label of `inferstream_inference_errors_total`.
+pub fn error_kind(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::Throttled => "throttled",
+        ErrorClass::Unavailable => "server_error",
+        ErrorClass::Timeout => "timeout",
+        ErrorClass::Network => "network",
+        ErrorClass::Rejected => "rejected",
+    }
+}
+
+/// Every error class, for initialising the metric's label values.
+pub const ERROR_CLASSES: [ErrorClass; 5] = [
+    ErrorClass::Throttled,
+    ErrorClass::Unavailable,
+    ErrorClass::Timeout,
+    ErrorClass::Network,
+    ErrorClass::Rejected,
+];
+
 pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Bytes {
     let engine = &base64::engine::general_purpose::STANDARD;
     let mut out = String::from("{\"instances\":[");

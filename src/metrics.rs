@@ -132,6 +132,29 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Creates every label combination known in advance, so that each
+    /// series exists (at zero) from the start and `rate()` sees its first
+    /// increase.
+    pub fn init_labels(&self, labels: &[String]) {
+        for label in labels {
+            for decision in [
+                crate::record::Decision::Accepted,
+                crate::record::Decision::Review,
+            ] {
+                self.predictions
+                    .with_label_values(&[label.as_str(), decision.as_str()]);
+            }
+            self.confidence.with_label_values(&[label.as_str()]);
+        }
+        for class in crate::infer::ERROR_CLASSES {
+            self.inference_errors
+                .with_label_values(&[crate::infer::error_kind(class)]);
+        }
+        for reason in crate::decode::SkipReason::ALL {
+            self.records_skipped.with_label_values(&[reason.as_str()]);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

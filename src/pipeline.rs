@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, Semaphore};
@@ -31,7 +31,7 @@ use crate::record::{
     image_id, now_rfc3339, DeadLetter, Decision, Latency, Prediction, SourceRef, PREDICTION_SCHEMA,
 };
 use crate::sink::{Alerter, KafkaSink};
-use crate::source::{commit, SourceContext};
+use crate::source::{commit, Positions, SourceContext};
 
 /// One image on its way.
 struct Job {
@@ -83,6 +83,7 @@ pub async fn start_with_sdk(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Service> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    metrics.init_labels(&config.endpoint.labels);
     let tracker = Tracker::new(metrics.clone());
     let fetcher = Fetcher::new(
         crate::aws::s3_client(&sdk, &config),
@@ -247,8 +248,9 @@ async fn run(
     commit(
         &consumer,
         &tracker,
+        &metrics,
         &config.kafka.input_topic,
-        CommitMode::Sync,
+        Positions::All,
     );
     let left = tracker.pending(&[]);
     if drained {
@@ -303,7 +305,7 @@ async fn source_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tracker.fatal().cancelled() => break,
-            _ = tick.tick() => commit(consumer, tracker, topic, CommitMode::Async),
+            _ = tick.tick() => commit(consumer, tracker, metrics, topic, Positions::Changed),
             _ = permits.acquire(), if paused => {}
             msg = consumer.recv() => {
                 let msg = match msg {

@@ -28,20 +28,24 @@ impl SourceContext {
     }
 
     fn wait_drained(&self, partitions: &[i32]) -> bool {
-        // The callback runs inside the consumer's poll on a runtime worker;
-        // let the runtime move other tasks off this thread while we wait.
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-            .unwrap_or(false);
-        if multi_thread {
-            tokio::task::block_in_place(|| {
-                self.tracker
-                    .wait_drained(partitions, self.revoke_drain_timeout)
-            })
-        } else {
+        // The callback runs inside the consumer's poll on a runtime worker.
+        blocking(|| {
             self.tracker
                 .wait_drained(partitions, self.revoke_drain_timeout)
-        }
+        })
+    }
+}
+
+/// Runs blocking work on a runtime worker, letting a multi-thread runtime
+/// move its other tasks off this thread meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .unwrap_or(false);
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 
@@ -84,9 +88,12 @@ impl ConsumerContext for SourceContext {
             "partitions revoked"
         );
         if commit.count() > 0 && !consumer.assignment_lost() {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                self.metrics.commit_failures.inc();
-                tracing::warn!(error = %e, "commit on revocation failed; the next owner re-processes from the last commit");
+            match consumer.commit(&commit, CommitMode::Sync) {
+                Ok(()) => record_committed(&self.metrics, &self.topic, &commit),
+                Err(e) => {
+                    self.metrics.commit_failures.inc();
+                    tracing::warn!(error = %e, "commit on revocation failed; the next owner re-processes from the last commit");
+                }
             }
         }
         self.metrics
@@ -111,36 +118,52 @@ impl ConsumerContext for SourceContext {
         }
     }
 
+    // Commits are synchronous (see [`commit`]) and handled where they are
+    // made; this only keeps the gauge right if librdkafka reports one too.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        for e in offsets.elements_for_topic(&self.topic) {
-            match (&result, e.offset()) {
-                (Ok(()), Offset::Offset(o)) => {
-                    self.metrics
-                        .committed_offset
-                        .with_label_values(&[&e.partition().to_string()])
-                        .set(o);
-                }
-                (Err(_), _) => self.tracker.resend(e.partition()),
-                _ => {}
-            }
-        }
-        if let Err(e) = result {
-            self.metrics.commit_failures.inc();
-            tracing::warn!(error = %e, "offset commit failed; will retry");
+        if result.is_ok() {
+            record_committed(&self.metrics, &self.topic, offsets);
         }
     }
 }
 
+fn record_committed(metrics: &Metrics, topic: &str, offsets: &TopicPartitionList) {
+    for e in offsets.elements_for_topic(topic) {
+        if let Offset::Offset(o) = e.offset() {
+            metrics
+                .committed_offset
+                .with_label_values(&[&e.partition().to_string()])
+                .set(o);
+        }
+    }
+}
+
+/// Which positions [`commit`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// Those that changed since they were last sent (the timer).
+    Changed,
+    /// All of them (shutdown).
+    All,
+}
+
 /// Commits what the tracker says is complete.
+///
+/// Synchronously, so that the result is known here: rust-rdkafka does not
+/// call `commit_callback` for manual asynchronous commits
+/// (fede1024/rust-rdkafka#856), which would leave a failed commit unseen
+/// until the position moved again. One round trip per
+/// `kafka.commit_interval` is cheap.
 pub fn commit<C: Consumer<SourceContext>>(
     consumer: &C,
     tracker: &Tracker,
+    metrics: &Metrics,
     topic: &str,
-    mode: CommitMode,
+    which: Positions,
 ) {
-    let positions = match mode {
-        CommitMode::Sync => tracker.positions(&[]),
-        CommitMode::Async => tracker.positions_to_commit(),
+    let positions = match which {
+        Positions::All => tracker.positions(&[]),
+        Positions::Changed => tracker.positions_to_commit(),
     };
     if positions.is_empty() {
         return;
@@ -149,10 +172,14 @@ pub fn commit<C: Consumer<SourceContext>>(
     for (p, pos) in &positions {
         let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*pos));
     }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::warn!(error = %e, "offset commit failed; will retry");
-        for (p, _) in positions {
-            tracker.resend(p);
+    match blocking(|| consumer.commit(&tpl, CommitMode::Sync)) {
+        Ok(()) => record_committed(metrics, topic, &tpl),
+        Err(e) => {
+            metrics.commit_failures.inc();
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+            for (p, _) in positions {
+                tracker.resend(p);
+            }
         }
     }
 }

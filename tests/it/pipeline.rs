@@ -192,6 +192,12 @@ async fn happy_path(mode: &str, n: usize) {
         service.metric("inferstream_in_flight_images", &[]).await,
         0.0
     );
+    let ends: i64 = stack.input_ends().values().sum();
+    assert_eq!(
+        service.metric("inferstream_committed_offset", &[]).await,
+        ends as f64,
+        "the committed-offset gauges match what the group committed"
+    );
     let requests = service
         .metric("inferstream_inference_requests_total", &[])
         .await;
