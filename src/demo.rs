@@ -17,7 +17,6 @@ use anyhow::{bail, Context as _};
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use futures::StreamExt as _;
-use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -29,7 +28,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::endpoint::model::test_image;
+use crate::endpoint::model::{test_image, FORMATS};
 use crate::endpoint::{EndpointOptions, Faults};
 use crate::events::{event, SHAPES};
 
@@ -401,13 +400,6 @@ struct Upload {
 /// Uploads `n` sample images: most confident, some not, a few that are not
 /// images at all (they end as dead letters).
 async fn upload(s3: &aws_sdk_s3::Client, n: usize, classes: usize) -> anyhow::Result<Vec<Upload>> {
-    const FORMATS: [(ImageFormat, &str); 5] = [
-        (ImageFormat::Png, "png"),
-        (ImageFormat::Jpeg, "jpg"),
-        (ImageFormat::Gif, "gif"),
-        (ImageFormat::WebP, "webp"),
-        (ImageFormat::Bmp, "bmp"),
-    ];
     let mut rng = fastrand::Rng::with_seed(42);
     let items: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {

@@ -436,6 +436,15 @@ pub mod model {
         (r, g as u8)
     }
 
+    /// The formats the service accepts, with a file extension each.
+    pub const FORMATS: [(ImageFormat, &str); 5] = [
+        (ImageFormat::Png, "png"),
+        (ImageFormat::Jpeg, "jpg"),
+        (ImageFormat::Gif, "gif"),
+        (ImageFormat::WebP, "webp"),
+        (ImageFormat::Bmp, "bmp"),
+    ];
+
     /// A solid-colour `size`×`size` image that the model classifies as
     /// `label` with about `confidence` (clamped to at least 1/classes).
     /// `format` is PNG, JPEG (lossy: confidence within ~0.01), GIF, WebP or BMP.

@@ -228,6 +228,24 @@ impl Chart {
     }
 }
 
+/// The legend box, the same on every chart.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> DrawResult<DB>
+where
+    DB: DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+}
+
 /// The threshold most predictions were judged by.
 fn main_threshold(points: &[Point]) -> f64 {
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
@@ -306,14 +324,7 @@ fn over_time<DB: DrawingBackend>(
         ))?
         .label(format!("threshold {threshold}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn histogram<DB: DrawingBackend>(
@@ -397,14 +408,7 @@ fn histogram<DB: DrawingBackend>(
         ))?
         .label(format!("threshold {threshold}"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 fn by_label<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point]) -> DrawResult<DB> {
@@ -478,14 +482,7 @@ fn by_label<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point])
         .draw_series(series(false))?
         .label(format!("review ({})", total(|c| c.1)))
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], REVIEW.filled()));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 #[cfg(test)]

@@ -4,20 +4,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use image::ImageFormat;
-use inferstream::endpoint::model::{expected_confidence, test_image};
+use inferstream::endpoint::model::{expected_confidence, test_image, FORMATS};
 use inferstream::endpoint::Faults;
 use serde_json::Value;
 
 use crate::harness::*;
 
 const LABELS: [&str; 2] = ["bicycle", "motorcycle"];
-const FORMATS: [(ImageFormat, &str); 5] = [
-    (ImageFormat::Png, "png"),
-    (ImageFormat::Jpeg, "jpg"),
-    (ImageFormat::Gif, "gif"),
-    (ImageFormat::WebP, "webp"),
-    (ImageFormat::Bmp, "bmp"),
-];
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// An uploaded image and what the model should say about it.
