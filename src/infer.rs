@@ -125,7 +125,7 @@ impl Inferrer {
                     parse_single(&ok.body, self.config.labels.len()).map_err(|detail| {
                         self.metrics
                             .inference_errors
-                            .with_label_values(&["bad_response"])
+                            .with_label_values(&[BAD_RESPONSE])
                             .inc();
                         InferError {
                             reason: DeadLetterReason::BadEndpointResponse,
@@ -177,7 +177,7 @@ impl Inferrer {
                     Err(detail) => {
                         self.metrics
                             .inference_errors
-                            .with_label_values(&["bad_response"])
+                            .with_label_values(&[BAD_RESPONSE])
                             .inc();
                         idx.into_iter()
                             .map(|i| {
@@ -313,6 +313,9 @@ pub fn error_kind(class: ErrorClass) -> &'static str {
         ErrorClass::Rejected => "rejected",
     }
 }
+
+/// The `kind` of an answer whose shape or length does not fit.
+pub const BAD_RESPONSE: &str = "bad_response";
 
 /// Every error class, for initialising the metric's label values.
 pub const ERROR_CLASSES: [ErrorClass; 5] = [

@@ -150,6 +150,8 @@ impl Metrics {
             self.inference_errors
                 .with_label_values(&[crate::infer::error_kind(class)]);
         }
+        self.inference_errors
+            .with_label_values(&[crate::infer::BAD_RESPONSE]);
         for reason in crate::decode::SkipReason::ALL {
             self.records_skipped.with_label_values(&[reason.as_str()]);
         }
