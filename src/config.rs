@@ -202,6 +202,14 @@ pub struct EndpointConfig {
     /// Largest backoff.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Consecutive retryable failures that open the circuit.
+    pub circuit_failures: u32,
+    /// First open period; doubled after each failed probe.
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_initial: Duration,
+    /// Longest open period.
+    #[serde(with = "humantime_serde")]
+    pub circuit_open_max: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -491,6 +499,20 @@ impl Config {
             if c.max_attempts == 0 {
                 err("capture.max_attempts", "must be at least 1".into());
             }
+        }
+
+        let e = &self.endpoint;
+        if e.circuit_failures == 0 {
+            err("endpoint.circuit_failures", "must be at least 1".into());
+        }
+        if e.circuit_open_initial.is_zero() {
+            err("endpoint.circuit_open_initial", "must be above zero".into());
+        }
+        if e.circuit_open_max < e.circuit_open_initial {
+            err(
+                "endpoint.circuit_open_max",
+                "must not be below endpoint.circuit_open_initial".into(),
+            );
         }
 
         if self.batch.max_images == 0 {

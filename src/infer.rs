@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::aws::{backoff, classify, describe, ErrorClass};
+use crate::breaker::Breaker;
 use crate::config::{EndpointConfig, RequestMode};
 use crate::decode::DeadLetterReason;
 use crate::fetch::ImageKind;
@@ -62,6 +63,7 @@ pub struct Inferrer {
     calls: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
+    breaker: Arc<Breaker>,
 }
 
 impl Inferrer {
@@ -70,17 +72,32 @@ impl Inferrer {
         config: EndpointConfig,
         metrics: Arc<Metrics>,
     ) -> Inferrer {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let breaker = {
+            let healthy = healthy.clone();
+            let metrics = metrics.clone();
+            Breaker::new(
+                config.circuit_failures,
+                config.circuit_open_initial,
+                config.circuit_open_max,
+                move |open| {
+                    healthy.store(!open, Ordering::Relaxed);
+                    metrics.circuit_open.set(i64::from(open));
+                },
+            )
+        };
         Inferrer {
             client,
             calls: Arc::new(Semaphore::new(config.concurrency.max(1))),
             config: Arc::new(config),
             metrics,
-            healthy: Arc::new(AtomicBool::new(true)),
+            healthy,
+            breaker,
         }
     }
 
-    /// False after the endpoint stayed unavailable through every attempt,
-    /// true again after any answer.
+    /// False while the circuit is open (the endpoint is down), true again
+    /// after its first answer.
     pub fn healthy(&self) -> Arc<AtomicBool> {
         self.healthy.clone()
     }
@@ -225,14 +242,12 @@ impl Inferrer {
         .boxed()
     }
 
-    /// One logical call: a permit, then attempts with backoff.
+    /// One logical call: attempts with backoff, through the circuit breaker.
     async fn call(&self, body: Bytes, content_type: &str) -> Result<CallOk, CallError> {
         let cfg = &self.config;
-        let mut last = String::new();
-        for attempt in 0..cfg.max_attempts {
-            if attempt > 0 {
-                tokio::time::sleep(backoff(attempt, cfg.backoff_initial, cfg.backoff_max)).await;
-            }
+        let mut attempts = 0u32;
+        loop {
+            let admission = self.breaker.admit().await;
             let permit = self.calls.acquire().await;
             let start = Instant::now();
             let mut req = self
@@ -256,7 +271,7 @@ impl Inferrer {
                     self.metrics
                         .inference_duration
                         .observe(duration.as_secs_f64());
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.breaker.success();
                     let variant = resp.invoked_production_variant().map(str::to_string);
                     let body = resp
                         .body
@@ -286,23 +301,29 @@ impl Inferrer {
                 .with_label_values(&[kind])
                 .inc();
             if !class.retryable() {
-                // The endpoint answered, so it is reachable.
-                self.healthy.store(true, Ordering::Relaxed);
+                // The endpoint answered, so it is up.
+                self.breaker.success();
                 return Err(CallError::Rejected(detail));
             }
-            tracing::debug!(attempt, kind, %detail, "invoke endpoint failed, retrying");
-            last = detail;
+            if self.breaker.failure(admission) {
+                // The endpoint is down for everyone: wait for the circuit
+                // to close rather than spend this image's attempts.
+                tracing::debug!(kind, %detail, "invoke endpoint failed; circuit open, waiting");
+                continue;
+            }
+            attempts += 1;
+            if attempts >= cfg.max_attempts {
+                tracing::warn!(endpoint = %cfg.name, attempts, last = %detail, "endpoint call failed through every attempt");
+                return Err(CallError::Unavailable(format!(
+                    "{attempts} attempts failed; last: {detail}"
+                )));
+            }
+            tracing::debug!(attempts, kind, %detail, "invoke endpoint failed, retrying");
+            tokio::time::sleep(backoff(attempts, cfg.backoff_initial, cfg.backoff_max)).await;
         }
-        self.healthy.store(false, Ordering::Relaxed);
-        tracing::warn!(endpoint = %cfg.name, attempts = cfg.max_attempts, last = %last, "endpoint unavailable through every attempt");
-        Err(CallError::Unavailable(format!(
-            "{} attempts failed; last: {last}",
-            cfg.max_attempts
-        )))
     }
 }
 
-/// `{"instances": [{"b64": "..."}, ...]}`
 /// The `kind` label of `inferstream_inference_errors_total`.
 pub fn error_kind(class: ErrorClass) -> &'static str {
     match class {
@@ -326,6 +347,7 @@ pub const ERROR_CLASSES: [ErrorClass; 5] = [
     ErrorClass::Rejected,
 ];
 
+/// `{"instances": [{"b64": "..."}, ...]}`
 pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Bytes {
     let engine = &base64::engine::general_purpose::STANDARD;
     let mut out = String::from("{\"instances\":[");

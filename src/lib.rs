@@ -24,6 +24,7 @@
 pub mod ack;
 pub mod aws;
 pub mod batch;
+pub mod breaker;
 pub mod capture;
 pub mod config;
 pub mod decode;

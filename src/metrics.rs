@@ -37,6 +37,7 @@ pub struct Metrics {
     pub capture_objects: IntCounter,
     pub capture_failed: IntCounter,
     pub assigned_partitions: IntGauge,
+    pub circuit_open: IntGauge,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -124,6 +125,7 @@ impl Metrics {
             capture_objects: reg!(counter("inferstream_capture_objects_total", "Data capture objects written to S3")?),
             capture_failed: reg!(counter("inferstream_capture_failed_total", "Captured predictions lost because S3 writes failed every attempt")?),
             assigned_partitions: reg!(IntGauge::new("inferstream_assigned_partitions", "Input partitions assigned to this instance")?),
+            circuit_open: reg!(IntGauge::new("inferstream_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open (images wait, the endpoint is probed)")?),
             registry,
         };
         for reason in crate::decode::DeadLetterReason::ALL {

@@ -664,3 +664,80 @@ async fn sigkill_mid_stream_loses_nothing() {
     );
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
+    // The outage starts with the endpoint and outlasts the set-up below.
+    let faults = Faults {
+        outage_after: Some(Duration::ZERO),
+        outage_for: Duration::from_secs(12),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, 120, "outage").await;
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("PIPELINE__MAX_IN_FLIGHT", "32"),
+            // Without the breaker, 3 attempts would dead-letter everything.
+            ("ENDPOINT__MAX_ATTEMPTS", "3"),
+            ("ENDPOINT__CIRCUIT_OPEN_INITIAL", "500ms"),
+            ("ENDPOINT__CIRCUIT_OPEN_MAX", "2s"),
+        ])
+        .await;
+
+    let end = std::time::Instant::now() + MINUTE;
+    while service
+        .metric("inferstream_endpoint_circuit_open", &[])
+        .await
+        != 1.0
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "the circuit never opened; log: {}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = http_get(&service.url("/readyz")).await.unwrap();
+    assert_eq!(status, 503, "not ready while the endpoint is down");
+    // Consumption pauses at the in-flight bound (one more message may be
+    // waiting for a permit).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let consumed = service
+        .metric("inferstream_events_consumed_total", &[])
+        .await;
+    assert!(
+        consumed <= 33.0,
+        "consumed {consumed} with 32 allowed in flight"
+    );
+    assert!(service.metric("inferstream_in_flight_images", &[]).await <= 32.0);
+
+    let mut out = stack.collector();
+    out.until("a prediction per image after the outage", 2 * MINUTE, |r| {
+        predictions_by_id(r).len() >= uploads.len()
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+    assert_eq!(
+        service
+            .metric("inferstream_endpoint_circuit_open", &[])
+            .await,
+        0.0
+    );
+
+    // Probed, not hammered: 120 images x 3 attempts would be 360 calls.
+    let refused = stack
+        .endpoint
+        .stats
+        .unavailable
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("outage: {refused} calls refused while the endpoint was down");
+    assert!(
+        refused > 0 && refused < 60,
+        "{refused} calls during the outage"
+    );
+}

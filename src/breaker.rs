@@ -1,0 +1,233 @@
+//! A circuit breaker for the endpoint: a dead endpoint is probed, not
+//! hammered, and images wait for it instead of failing.
+//!
+//! Closed: calls go through. After `failures` consecutive retryable failures
+//! it opens: calls wait. When the open period ends, one call goes through as
+//! a probe (half-open); its success closes the breaker and wakes everyone,
+//! its failure opens it again for twice as long, up to a maximum. Images
+//! waiting on an open breaker keep their place in flight, so the in-flight
+//! bound fills up and consumption pauses until the endpoint is back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant, period: Duration },
+    HalfOpen { period: Duration },
+}
+
+pub struct Breaker {
+    state: Mutex<State>,
+    changed: Notify,
+    failures: u32,
+    open_initial: Duration,
+    open_max: Duration,
+    on_change: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+/// What [`Breaker::admit`] allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The breaker is closed.
+    Normal,
+    /// This call is the probe of a half-open breaker.
+    Probe,
+}
+
+impl Breaker {
+    /// `on_change(open)` is called on every transition between closed and
+    /// not closed (for a gauge and readiness).
+    pub fn new(
+        failures: u32,
+        open_initial: Duration,
+        open_max: Duration,
+        on_change: impl Fn(bool) + Send + Sync + 'static,
+    ) -> Arc<Breaker> {
+        Arc::new(Breaker {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            changed: Notify::new(),
+            failures: failures.max(1),
+            open_initial,
+            open_max: open_max.max(open_initial),
+            on_change: Box::new(on_change),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(*self.lock(), State::Closed { .. })
+    }
+
+    /// Waits until a call may go through.
+    pub async fn admit(&self) -> Admission {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait_until = {
+                let mut st = self.lock();
+                match *st {
+                    State::Closed { .. } => return Admission::Normal,
+                    State::Open { until, period } if Instant::now() >= until => {
+                        *st = State::HalfOpen { period };
+                        return Admission::Probe;
+                    }
+                    State::Open { until, .. } => Some(until),
+                    State::HalfOpen { .. } => None,
+                }
+            };
+            match wait_until {
+                Some(until) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = &mut notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// The endpoint answered (even with a rejection): close.
+    pub fn success(&self) {
+        let was_closed = {
+            let mut st = self.lock();
+            let was = matches!(*st, State::Closed { .. });
+            *st = State::Closed { failures: 0 };
+            was
+        };
+        if !was_closed {
+            tracing::info!("endpoint answered again; circuit closed");
+            (self.on_change)(false);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// A retryable failure. True when the breaker is (now) not closed, so
+    /// the caller should wait for it rather than count the attempt.
+    pub fn failure(&self, admission: Admission) -> bool {
+        let opened = {
+            let mut st = self.lock();
+            match *st {
+                State::Closed { failures } if failures + 1 >= self.failures => {
+                    *st = State::Open {
+                        until: Instant::now() + self.open_initial,
+                        period: self.open_initial,
+                    };
+                    Some(self.open_initial)
+                }
+                State::Closed { failures } => {
+                    *st = State::Closed {
+                        failures: failures + 1,
+                    };
+                    return false;
+                }
+                State::HalfOpen { period } if admission == Admission::Probe => {
+                    let period = (period * 2).min(self.open_max);
+                    *st = State::Open {
+                        until: Instant::now() + period,
+                        period,
+                    };
+                    None
+                }
+                // A call admitted before the breaker opened, failing late.
+                State::Open { .. } | State::HalfOpen { .. } => return true,
+            }
+        };
+        if let Some(period) = opened {
+            tracing::warn!(
+                failures = self.failures,
+                probe_in = ?period,
+                "endpoint failing; circuit open, images wait and the endpoint is probed"
+            );
+            (self.on_change)(true);
+        }
+        self.changed.notify_waiters();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn breaker() -> (Arc<Breaker>, Arc<AtomicBool>) {
+        let open = Arc::new(AtomicBool::new(false));
+        let o = open.clone();
+        let b = Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+            move |v| o.store(v, Ordering::Relaxed),
+        );
+        (b, open)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_probes_once() {
+        let (b, open) = breaker();
+        assert_eq!(b.admit().await, Admission::Normal);
+        assert!(!b.failure(Admission::Normal));
+        assert!(!b.failure(Admission::Normal));
+        assert!(b.failure(Admission::Normal), "third failure opens");
+        assert!(open.load(Ordering::Relaxed));
+
+        // Two callers wait; after the open period exactly one probes.
+        let started = Instant::now();
+        let first = b.admit().await;
+        assert_eq!(first, Admission::Probe);
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.admit().await });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiter.is_finished(), "no second probe while one is out");
+
+        // The probe fails: open again, twice as long.
+        assert!(b.failure(Admission::Probe));
+        let again = Instant::now();
+        assert_eq!(waiter.await.unwrap(), Admission::Probe);
+        assert!(again.elapsed() >= Duration::from_secs(2));
+
+        // Success closes and lets everyone through.
+        b.success();
+        assert!(!open.load(Ordering::Relaxed));
+        assert_eq!(b.admit().await, Admission::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_resets_the_count() {
+        let (b, open) = breaker();
+        b.failure(Admission::Normal);
+        b.failure(Admission::Normal);
+        b.success();
+        b.failure(Admission::Normal);
+        b.failure(Admission::Normal);
+        assert!(!open.load(Ordering::Relaxed));
+        assert!(b.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_open_period_is_capped() {
+        let (b, _) = breaker();
+        for _ in 0..3 {
+            b.failure(Admission::Normal);
+        }
+        for _ in 0..5 {
+            let a = b.admit().await;
+            assert_eq!(a, Admission::Probe);
+            b.failure(a);
+        }
+        let t = Instant::now();
+        b.admit().await;
+        assert!(t.elapsed() <= Duration::from_secs(4));
+    }
+}
