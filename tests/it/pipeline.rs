@@ -741,3 +741,93 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
         "{refused} calls during the outage"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_drains_commits_and_a_clean_restart_duplicates_nothing() {
+    let faults = Faults {
+        latency: Duration::from_millis(30),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let n = 240;
+    let (uploads, events) = upload_images(&stack, n, "graceful").await;
+    stack.produce(&events).await;
+    let slow = [
+        ("ENDPOINT__CONCURRENCY", "2"),
+        ("PIPELINE__SHUTDOWN_TIMEOUT", "20s"),
+    ];
+    let first = stack.service(&slow).await;
+
+    let mut out = stack.collector();
+    out.until("some predictions", MINUTE, |r| {
+        predictions_by_id(r).len() >= 40
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let status = first.terminate(MINUTE).await;
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "exit status after SIGTERM under load: {status}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}, past pipeline.shutdown_timeout"
+    );
+    let before = predictions_by_id(&out.records).len();
+
+    let _second = stack.service(&slow).await;
+    out.until(
+        "a prediction per image after the restart",
+        2 * MINUTE,
+        |r| predictions_by_id(r).len() >= n,
+    )
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+    eprintln!("graceful: SIGTERM after {before} predictions, exited in {took:?}");
+    // Everything completed before the exit was committed: nothing twice.
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alert_that_cannot_be_published_is_dead_lettered_and_the_review_record_kept() {
+    let stack = Stack::start(Faults::default()).await;
+    let key = "alerts/unsent.png";
+    let etag = stack
+        .put_object("uploads", key, test_image(1, 0.6, 2, 16, ImageFormat::Png))
+        .await;
+    stack
+        .produce(&[(key.to_string(), event(Shape::S3, "uploads", key, 0, &etag))])
+        .await;
+    let missing_topic = "arn:aws:sns:us-east-1:123456789012:no-such-topic";
+    let service = stack
+        .service(&[
+            ("ALERTS__TOPIC_ARN", missing_topic),
+            ("ALERTS__MAX_ATTEMPTS", "2"),
+        ])
+        .await;
+
+    let mut out = stack.collector();
+    out.until(
+        "the review record and the alert_failed dead letter",
+        MINUTE,
+        |r| r.iter().any(|o| o.topic == REVIEW) && r.iter().any(|o| o.topic == DEAD),
+    )
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    let dead = out.on(DEAD);
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0].value;
+    assert_eq!(d["reason"], "alert_failed");
+    assert_eq!(d["key"], key);
+    assert!(d["detail"].as_str().unwrap().contains(missing_topic), "{d}");
+    // The payload is the prediction whose alert failed.
+    let p: Value = serde_json::from_str(d["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(p["decision"], "review");
+    assert_eq!(out.on(REVIEW).len(), 1);
+    assert_eq!(
+        service.metric("inferstream_alerts_failed_total", &[]).await,
+        1.0
+    );
+}
