@@ -7,10 +7,15 @@ VENV := .venv
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: test venv lint fmt clean-venv
+.PHONY: test soak venv lint fmt clean-venv
 
 test: venv
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server $(CARGO) test --all-targets
+
+# The long reliability runs (docs/RELIABILITY.md): 20,000 events, 10 SIGKILLs.
+soak: venv
+	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server CRASH_EVENTS=20000 CRASH_KILLS=10 \
+		$(CARGO) test --test it crash_loop -- --nocapture
 
 # Re-created when the pin changes; the stamp file names the pinned version.
 venv: $(VENV)/.moto-$(MOTO_VERSION)

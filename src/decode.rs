@@ -363,6 +363,18 @@ fn supported_version(v: &str) -> bool {
 
 /// Form-URL decoding of S3/MinIO keys: `+` is a space, then percent-decoding.
 pub fn url_decode_key(raw: &str) -> Result<String, String> {
+    // S3 escapes every `%` in a key as `%25`; a bare one is not S3's.
+    let bytes = raw.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        {
+            return Err(format!(
+                "key `{raw}` has a `%` that is not a percent escape"
+            ));
+        }
+    }
     let spaced = raw.replace('+', " ");
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
@@ -569,7 +581,6 @@ mod tests {
     fn key_decoding() {
         assert_eq!(url_decode_key("a+b%2Bc%2Fd").unwrap(), "a b+c/d");
         assert_eq!(url_decode_key("caf%C3%A9.png").unwrap(), "café.png");
-        assert_eq!(url_decode_key("100%").unwrap(), "100%");
         assert!(url_decode_key("%FF").is_err());
     }
 
@@ -597,6 +608,14 @@ mod tests {
             decode(Some(&ev), &f),
             vec![Outcome::Skip(SkipReason::KeyFiltered)]
         );
+    }
+
+    #[test]
+    fn bare_percent_signs_are_not_keys() {
+        assert!(url_decode_key("a%ZZ.png").is_err());
+        assert!(url_decode_key("a%2").is_err());
+        assert!(url_decode_key("100%").is_err());
+        assert_eq!(url_decode_key("100%25+off.png").unwrap(), "100% off.png");
     }
 
     #[test]

@@ -515,7 +515,8 @@ impl Collector {
         }
     }
 
-    /// Reads until `done(records)` holds; panics after `deadline`.
+    /// Reads until `done(records)` holds; panics after `deadline`. `done`
+    /// is checked after each burst of records, not after each record.
     pub async fn until<F: Fn(&[Out]) -> bool>(&mut self, what: &str, deadline: Duration, done: F) {
         let end = Instant::now() + deadline;
         while !done(&self.records) {
@@ -526,34 +527,36 @@ impl Collector {
                 self.records.len(),
                 summary(&self.records)
             );
-            if let Ok(m) =
-                tokio::time::timeout(left.min(Duration::from_millis(500)), self.consumer.recv())
-                    .await
-            {
-                let m = m.expect("read outputs");
-                let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null"))
-                    .unwrap_or_else(|e| panic!("output on {} is not JSON: {e}", m.topic()));
-                self.records.push(Out {
-                    topic: m.topic().to_string(),
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
-                    value,
-                });
-            }
+            self.read(left.min(Duration::from_millis(500))).await;
         }
     }
 
     /// Reads whatever else arrives within `quiet` (to catch extra records).
     pub async fn settle(&mut self, quiet: Duration) {
-        while let Ok(m) = tokio::time::timeout(quiet, self.consumer.recv()).await {
+        while self.read(quiet).await > 0 {}
+    }
+
+    /// Waits up to `wait` for a record, then takes every record already
+    /// there; returns how many were read.
+    async fn read(&mut self, wait: Duration) -> usize {
+        let mut n = 0;
+        let mut wait = wait;
+        while let Ok(m) = tokio::time::timeout(wait, self.consumer.recv()).await {
             let m = m.expect("read outputs");
-            let value: Value =
-                serde_json::from_slice(m.payload().unwrap_or(b"null")).expect("JSON output");
+            let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                .unwrap_or_else(|e| panic!("output on {} is not JSON: {e}", m.topic()));
             self.records.push(Out {
                 topic: m.topic().to_string(),
                 key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
                 value,
             });
+            n += 1;
+            if n >= 5000 {
+                break;
+            }
+            wait = Duration::from_millis(1);
         }
+        n
     }
 
     pub fn on(&self, topic: &str) -> Vec<&Out> {
@@ -635,6 +638,17 @@ impl ServiceProc {
             })
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// Resident memory of the process, from /proc.
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn kill(&mut self) {

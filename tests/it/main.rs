@@ -6,5 +6,7 @@
 
 mod cli;
 mod compose;
+mod crash;
 mod harness;
+mod hostile;
 mod pipeline;

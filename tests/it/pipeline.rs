@@ -11,12 +11,12 @@ use serde_json::Value;
 use crate::harness::*;
 
 const LABELS: [&str; 2] = ["bicycle", "motorcycle"];
-const MINUTE: Duration = Duration::from_secs(60);
+pub(crate) const MINUTE: Duration = Duration::from_secs(60);
 
 /// An uploaded image and what the model should say about it.
-struct Upload {
-    key: String,
-    id: String,
+pub(crate) struct Upload {
+    pub(crate) key: String,
+    pub(crate) id: String,
     label: usize,
     confidence: f64,
     /// JPEG is lossy: its confidence is only close.
@@ -36,14 +36,13 @@ impl Upload {
 /// Uploads `n` images (every format, keys with spaces and `+`) and returns
 /// them with one event each, in all four shapes in turn. Every tenth image
 /// scores 0.70 (review), the others 0.98.
-async fn upload_images(
+pub(crate) async fn upload_images(
     stack: &Stack,
     n: usize,
     prefix: &str,
 ) -> (Vec<Upload>, Vec<(String, Vec<u8>)>) {
-    let mut uploads = Vec::new();
-    let mut events = Vec::new();
-    for i in 0..n {
+    use futures::StreamExt as _;
+    let puts = (0..n).map(|i| async move {
         let (format, ext) = FORMATS[i % FORMATS.len()];
         let label = i % 2;
         let confidence = if i % 10 == 3 { 0.70 } else { 0.98 };
@@ -52,11 +51,11 @@ async fn upload_images(
         let size = body.len();
         let etag = stack.put_object("uploads", &key, body).await;
         let shape = SHAPES[i % SHAPES.len()];
-        events.push((
+        let event = (
             format!("uploads/{key}"),
             event(shape, "uploads", &key, size, &etag),
-        ));
-        uploads.push(Upload {
+        );
+        let upload = Upload {
             id: format!("uploads/{key}@{etag}"),
             key,
             label,
@@ -66,8 +65,15 @@ async fn upload_images(
             } else {
                 1e-6
             },
-        });
-    }
+        };
+        (upload, event)
+    });
+    let (uploads, events): (Vec<Upload>, Vec<_>) = futures::stream::iter(puts)
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .unzip();
     (uploads, events)
 }
 

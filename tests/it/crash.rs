@@ -1,0 +1,102 @@
+//! The crash loop: the service is SIGKILLed at random moments and
+//! restarted; every image still ends with a prediction.
+//!
+//! `make test` runs a short version; `make soak` the full one
+//! (CRASH_EVENTS=20000 CRASH_KILLS=10), documented in docs/RELIABILITY.md.
+
+use std::time::{Duration, Instant};
+
+use inferstream::endpoint::Faults;
+
+use crate::harness::*;
+use crate::pipeline::{upload_images, MINUTE};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
+    let n = env_usize("CRASH_EVENTS", 1500);
+    let kills = env_usize("CRASH_KILLS", 3);
+    let in_flight = 128usize;
+    let seed = env_usize("CRASH_SEED", fastrand::usize(..10_000));
+    let mut rng = fastrand::Rng::with_seed(seed as u64);
+
+    // A slow enough endpoint that the kills land mid-stream.
+    let faults = Faults {
+        latency: Duration::from_millis(10),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let t0 = Instant::now();
+    let (uploads, events) = upload_images(&stack, n, "crash").await;
+    stack.produce(&events).await;
+    let uploaded_in = t0.elapsed();
+    let window = in_flight.to_string();
+    let settings = [
+        ("PIPELINE__MAX_IN_FLIGHT", window.as_str()),
+        ("ENDPOINT__CONCURRENCY", "4"),
+    ];
+
+    let mut out = stack.collector();
+    let started = Instant::now();
+    let mut at_kill = Vec::new();
+    for k in 0..kills {
+        let mut service = stack.service(&settings).await;
+        // Kill somewhere in this run's share of the stream, at random.
+        let share = n / (kills + 1);
+        let target = (k * share + share / 4 + rng.usize(..share.max(2) / 2)).min(n - 1);
+        out.until(
+            &format!("{target} predictions before kill {}", k + 1),
+            3 * MINUTE,
+            |r| predictions_by_id(r).len() >= target,
+        )
+        .await;
+        service.kill();
+        at_kill.push(predictions_by_id(&out.records).len());
+    }
+    let _last = stack.service(&settings).await;
+    out.until(
+        "a prediction per image after the last restart",
+        5 * MINUTE,
+        |r| predictions_by_id(r).len() >= n,
+    )
+    .await;
+    stack.wait_committed_to_end(2 * MINUTE).await;
+    out.settle(Duration::from_millis(500)).await;
+    let took = started.elapsed();
+
+    let by_id = predictions_by_id(&out.records);
+    let missing: Vec<&str> = uploads
+        .iter()
+        .filter(|u| !by_id.contains_key(&u.id))
+        .map(|u| u.id.as_str())
+        .collect();
+    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    let dead = out.on(DEAD).len();
+    eprintln!(
+        "crash loop (seed {seed}): {n} events, {kills} SIGKILLs at {at_kill:?} predictions, \
+         lost {}, duplicates {duplicates} (window {in_flight} per crash), dead letters {dead}, \
+         {:.1} s after {:.1} s of uploads",
+        missing.len(),
+        took.as_secs_f64(),
+        uploaded_in.as_secs_f64()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {}: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(dead, 0, "{}", summary(&out.records));
+    // A crash repeats what was consumed but not committed: at most the
+    // in-flight window plus what completed since the last commit.
+    assert!(
+        duplicates <= kills * 2 * in_flight,
+        "{duplicates} duplicates after {kills} crashes with a window of {in_flight}"
+    );
+}
