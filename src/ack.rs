@@ -103,28 +103,26 @@ impl Tracker {
     }
 
     /// Registers a consumed message carrying `images` images; `permit` is
-    /// released when the message completes.
+    /// released when the message completes. `None` when the partition is
+    /// not assigned here (a message fetched before a revocation and
+    /// delivered after it): it is left to the partition's new owner, and
+    /// nothing may be committed for it from here.
     pub fn begin(
         self: &Arc<Self>,
         partition: i32,
         offset: i64,
         images: usize,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> Ack {
+    ) -> Option<Ack> {
         let epoch = {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            let next_epoch = &mut st.next_epoch;
-            let p = st.partitions.entry(partition).or_insert_with(|| {
-                *next_epoch += 1;
-                PartitionState::new(*next_epoch)
-            });
+            let mut st = self.lock();
+            let p = st.partitions.get_mut(&partition)?;
             p.pending.insert(offset);
             p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
             p.epoch
         };
         self.metrics.in_flight.add(images as i64);
-        Ack(Arc::new(AckInner {
+        Some(Ack(Arc::new(AckInner {
             tracker: self.clone(),
             partition,
             offset,
@@ -133,7 +131,7 @@ impl Tracker {
             failed: AtomicBool::new(false),
             started: Instant::now(),
             _permit: permit,
-        }))
+        })))
     }
 
     fn complete(&self, partition: i32, offset: i64, epoch: u64, failed: bool) {
@@ -305,9 +303,9 @@ mod tests {
     fn position_is_lowest_pending_under_out_of_order_completion() {
         let t = tracker();
         t.assign(0);
-        let a = t.begin(0, 10, 1, None);
-        let b = t.begin(0, 11, 1, None);
-        let c = t.begin(0, 12, 1, None);
+        let a = t.begin(0, 10, 1, None).unwrap();
+        let b = t.begin(0, 11, 1, None).unwrap();
+        let c = t.begin(0, 12, 1, None).unwrap();
         assert_eq!(t.positions(&[0]), vec![(0, 10)]);
         drop(c);
         assert_eq!(t.positions(&[0]), vec![(0, 10)]);
@@ -324,8 +322,9 @@ mod tests {
     #[test]
     fn failed_offset_is_never_passed_and_stops_the_pipeline() {
         let t = tracker();
-        let a = t.begin(3, 5, 1, None);
-        let b = t.begin(3, 6, 1, None);
+        t.assign(3);
+        let a = t.begin(3, 5, 1, None).unwrap();
+        let b = t.begin(3, 6, 1, None).unwrap();
         a.fail("broker said no");
         drop(a);
         drop(b);
@@ -337,7 +336,8 @@ mod tests {
     #[test]
     fn positions_to_commit_reports_changes_once() {
         let t = tracker();
-        let a = t.begin(1, 0, 1, None);
+        t.assign(1);
+        let a = t.begin(1, 0, 1, None).unwrap();
         assert_eq!(t.positions_to_commit(), vec![(1, 0)]);
         assert_eq!(t.positions_to_commit(), vec![]);
         drop(a);
@@ -347,13 +347,24 @@ mod tests {
     }
 
     #[test]
+    fn messages_of_partitions_not_assigned_here_are_refused() {
+        let t = tracker();
+        assert!(t.begin(2, 0, 1, None).is_none());
+        t.assign(2);
+        assert!(t.begin(2, 0, 1, None).is_some());
+        t.revoke(2);
+        assert!(t.begin(2, 1, 1, None).is_none(), "after revocation");
+        assert!(t.positions_to_commit().is_empty());
+    }
+
+    #[test]
     fn completions_from_an_earlier_assignment_are_ignored() {
         let t = tracker();
         t.assign(0);
-        let old = t.begin(0, 7, 1, None);
+        let old = t.begin(0, 7, 1, None).unwrap();
         assert_eq!(t.revoke(0), Some(7));
         t.assign(0);
-        let new = t.begin(0, 7, 1, None);
+        let new = t.begin(0, 7, 1, None).unwrap();
         drop(old);
         assert_eq!(t.positions(&[0]), vec![(0, 7)]);
         drop(new);
@@ -363,7 +374,8 @@ mod tests {
     #[test]
     fn wait_drained_returns_when_the_last_ack_drops() {
         let t = tracker();
-        let a = t.begin(0, 1, 1, None);
+        t.assign(0);
+        let a = t.begin(0, 1, 1, None).unwrap();
         assert!(!t.wait_drained(&[0], Duration::from_millis(10)));
         let h = std::thread::spawn(move || drop(a));
         assert!(t.wait_drained(&[0], Duration::from_secs(10)));

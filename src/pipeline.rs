@@ -333,7 +333,10 @@ async fn source_loop(
                 } else {
                     None
                 };
-                let ack = tracker.begin(partition, offset, images, permit);
+                let Some(ack) = tracker.begin(partition, offset, images, permit) else {
+                    tracing::debug!(partition, offset, "message of a partition no longer assigned here; left to its new owner");
+                    continue;
+                };
                 let payload = payload.unwrap_or_default();
                 for outcome in outcomes {
                     match outcome {

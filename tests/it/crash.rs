@@ -100,3 +100,94 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
         "{duplicates} duplicates after {kills} crashes with a window of {in_flight}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_join_and_die_in_one_group_and_nothing_is_lost() {
+    group_changes(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_join_and_die_with_cooperative_rebalancing_and_nothing_is_lost() {
+    group_changes(Some("cooperative-sticky")).await;
+}
+
+/// Two instances, a third added mid-stream, the first killed; `strategy`
+/// is librdkafka's partition.assignment.strategy (its default when None).
+async fn group_changes(strategy: Option<&str>) {
+    let n = 1200;
+    let faults = Faults {
+        latency: Duration::from_millis(10),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, n, "group").await;
+    stack.produce(&events).await;
+    let mut settings = vec![
+        ("ENDPOINT__CONCURRENCY", "2"),
+        ("PIPELINE__MAX_IN_FLIGHT", "64"),
+    ];
+    if let Some(s) = strategy {
+        settings.push((
+            "KAFKA__CONSUMER_PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+            s,
+        ));
+    }
+
+    // Two instances share the partitions.
+    let mut a = stack.service(&settings).await;
+    let b = stack.service(&settings).await;
+    let mut out = stack.collector();
+    out.until("a quarter done by two instances", 2 * MINUTE, |r| {
+        predictions_by_id(r).len() >= n / 4
+    })
+    .await;
+    let assigned = |s: &ServiceProc| {
+        let s = s.url("/metrics");
+        async move {
+            let (_, body) = http_get(&s).await.unwrap_or_default();
+            body.lines()
+                .find_map(|l| l.strip_prefix("inferstream_assigned_partitions "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    // A third joins mid-stream; then the first is killed.
+    let c = stack.service(&settings).await;
+    out.until("half done", 2 * MINUTE, |r| {
+        predictions_by_id(r).len() >= n / 2
+    })
+    .await;
+    a.kill();
+    out.until("a prediction per image", 3 * MINUTE, |r| {
+        predictions_by_id(r).len() >= n
+    })
+    .await;
+    stack.wait_committed_to_end(2 * MINUTE).await;
+    out.settle(Duration::from_millis(500)).await;
+
+    // After the dead member's session expired, the survivors own every partition.
+    let end = Instant::now() + MINUTE;
+    loop {
+        let (pb, pc) = (assigned(&b).await, assigned(&c).await);
+        if pb + pc == PARTITIONS as f64 && pb > 0.0 && pc > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "partitions did not move to the survivors: b {pb}, c {pc}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let by_id = predictions_by_id(&out.records);
+    let missing = uploads
+        .iter()
+        .filter(|u| !by_id.contains_key(&u.id))
+        .count();
+    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    eprintln!(
+        "group ({}): {n} events, 2 instances, 1 added, 1 killed: lost {missing}, duplicates {duplicates}",
+        strategy.unwrap_or("default assignor")
+    );
+    assert_eq!(missing, 0);
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+}
