@@ -191,3 +191,69 @@ async fn group_changes(strategy: Option<&str>) {
     assert_eq!(missing, 0);
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_down_and_request_errors_lose_nothing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let n = 600;
+    let faults = Faults {
+        latency: Duration::from_millis(10),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, n, "broker").await;
+    stack.produce(&events).await;
+    let service = stack.service(&[("ENDPOINT__CONCURRENCY", "2")]).await;
+
+    let mut out = stack.collector();
+    out.until("some predictions", MINUTE, |r| {
+        predictions_by_id(r).len() >= n / 6
+    })
+    .await;
+    // The only broker goes away for 3 s (below the 6 s session timeout).
+    stack.kafka.broker_down(1).expect("broker down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.kafka.broker_up(1).expect("broker up");
+    out.until("more predictions", MINUTE, |r| {
+        predictions_by_id(r).len() >= n / 2
+    })
+    .await;
+    // Then produce and commit requests fail for a while.
+    use RDKafkaRespErr::*;
+    stack.kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    stack.kafka.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        ],
+    );
+    out.until("a prediction per image", 2 * MINUTE, |r| {
+        predictions_by_id(r).len() >= n
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+
+    let by_id = predictions_by_id(&out.records);
+    let missing = uploads
+        .iter()
+        .filter(|u| !by_id.contains_key(&u.id))
+        .count();
+    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    eprintln!(
+        "broker: down 3 s, then produce and commit errors: lost {missing}, duplicates {duplicates}"
+    );
+    assert_eq!(missing, 0);
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    let (status, _) = http_get(&service.url("/healthz")).await.unwrap();
+    assert_eq!(status, 200, "still running; log: {}", service.log_text());
+}

@@ -542,7 +542,14 @@ impl Collector {
         let mut n = 0;
         let mut wait = wait;
         while let Ok(m) = tokio::time::timeout(wait, self.consumer.recv()).await {
-            let m = m.expect("read outputs");
+            // Transient client errors (a broker down on purpose) are retried.
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("output reader: {e}");
+                    continue;
+                }
+            };
             let value: Value = serde_json::from_slice(m.payload().unwrap_or(b"null"))
                 .unwrap_or_else(|e| panic!("output on {} is not JSON: {e}", m.topic()));
             self.records.push(Out {
