@@ -415,6 +415,9 @@ fn apply_filter(img: &ImageRef, filter: &FilterConfig) -> Option<Outcome> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
