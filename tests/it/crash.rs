@@ -257,3 +257,40 @@ async fn broker_down_and_request_errors_lose_nothing() {
     let (status, _) = http_get(&service.url("/healthz")).await.unwrap();
     assert_eq!(status, 200, "still running; log: {}", service.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_slow_down_and_hung_requests_are_retried_and_nothing_is_lost() {
+    let stack = Stack::start(Faults::default()).await;
+    let n = 120;
+    let (uploads, events) = upload_images(&stack, n, "s3faults").await;
+    stack.produce(&events).await;
+    // Only the service goes through the proxy; uploads went to moto directly.
+    let proxy = FaultProxy::start(&stack.moto.url, 0.3, 0.05, 11).await;
+    let service = stack
+        .service(&[
+            ("AWS__S3__ENDPOINT_URL", proxy.url.as_str()),
+            ("FETCH__TIMEOUT", "1s"),
+            ("FETCH__MAX_ATTEMPTS", "10"),
+        ])
+        .await;
+    let mut out = stack.collector();
+    out.until("a prediction per image", 2 * MINUTE, |r| {
+        predictions_by_id(r).len() >= n
+    })
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    out.settle(Duration::from_millis(300)).await;
+
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    let by_id = predictions_by_id(&out.records);
+    assert!(uploads.iter().all(|u| by_id.contains_key(&u.id)));
+    let slowed = proxy.slowed.load(std::sync::atomic::Ordering::Relaxed);
+    let hung = proxy.hung.load(std::sync::atomic::Ordering::Relaxed);
+    let retries = service.metric("inferstream_fetch_retries_total", &[]).await;
+    eprintln!("s3 faults: {slowed} SlowDown answers, {hung} hung requests, {retries} fetch retries, lost 0");
+    assert!(slowed > 0 && hung > 0, "faults were injected");
+    assert!(
+        retries >= (slowed + hung) as f64,
+        "every fault was retried: {retries}"
+    );
+}

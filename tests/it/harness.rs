@@ -9,6 +9,8 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{Credentials, Region};
@@ -690,5 +692,79 @@ impl Drop for ServiceProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- S3 faults
+
+/// A TCP proxy in front of moto that misbehaves like S3 under load: per
+/// connection, it answers `503 SlowDown` with probability `slow_down`, or
+/// holds the request without answering with probability `hang`; other
+/// connections are passed through untouched.
+pub struct FaultProxy {
+    pub url: String,
+    pub slowed: Arc<AtomicU64>,
+    pub hung: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, slow_down: f64, hang: f64, seed: u64) -> FaultProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (slowed, hung) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = CancellationToken::new();
+        let (s, h, st) = (slowed.clone(), hung.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut dice = fastrand::Rng::with_seed(seed);
+            loop {
+                let mut client = tokio::select! {
+                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
+                    _ = st.cancelled() => return,
+                };
+                let roll = dice.f64();
+                let upstream = upstream.clone();
+                let (s, h, st) = (s.clone(), h.clone(), st.clone());
+                tokio::spawn(async move {
+                    if roll < slow_down {
+                        // Read the request head, then answer like S3 does.
+                        let mut buf = [0u8; 4096];
+                        let _ = client.read(&mut buf).await;
+                        s.fetch_add(1, Ordering::Relaxed);
+                        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                        let resp = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = client.write_all(resp.as_bytes()).await;
+                        let _ = client.shutdown().await;
+                    } else if roll < slow_down + hang {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                            _ = st.cancelled() => {}
+                        }
+                    } else if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            url,
+            slowed,
+            hung,
+            stop,
+        }
     }
 }
