@@ -21,8 +21,9 @@
 //!
 //! # Faults
 //! [`Faults`] injects latency, a failure rate (HTTP 500 `InternalFailure`),
-//! a throttling rate (HTTP 400 `ThrottlingException`), and an outage window
-//! (HTTP 503 `ServiceUnavailable`), so the service can be tested against a
+//! a throttling rate (HTTP 400 `ThrottlingException`), an outage window
+//! (HTTP 503 `ServiceUnavailable`), and slow calls (a fraction answered
+//! only after an extra delay), so the service can be tested against a
 //! misbehaving endpoint. `GET /stats` reports request counts as JSON.
 
 use std::net::SocketAddr;
@@ -65,6 +66,10 @@ pub struct Faults {
     pub failure_rate: f64,
     /// Fraction of calls answered 400 ThrottlingException.
     pub throttle_rate: f64,
+    /// Fraction of calls that answer only after an extra `slow_for`.
+    pub slow_rate: f64,
+    /// Extra delay of a slow call.
+    pub slow_for: Duration,
     /// Outage start, measured from server start.
     pub outage_after: Option<Duration>,
     /// Outage length; calls in the window get 503 ServiceUnavailable.
@@ -83,6 +88,7 @@ pub struct EndpointStats {
     pub throttled: AtomicU64,
     pub unavailable: AtomicU64,
     pub model_errors: AtomicU64,
+    pub slow: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -94,6 +100,7 @@ struct StatsView {
     throttled: u64,
     unavailable: u64,
     model_errors: u64,
+    slow: u64,
 }
 
 impl EndpointStats {
@@ -107,6 +114,7 @@ impl EndpointStats {
             throttled: g(&self.throttled),
             unavailable: g(&self.unavailable),
             model_errors: g(&self.model_errors),
+            slow: g(&self.slow),
         }
     }
 }
@@ -252,7 +260,11 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
 
     let dice = state.roll();
     let f = &state.opts.faults;
-    let delay = f.latency + f.latency_per_image * images.len() as u32;
+    let mut delay = f.latency + f.latency_per_image * images.len() as u32;
+    if f.slow_rate > 0.0 && state.dice.lock().map(|mut r| r.f64()).unwrap_or(1.0) < f.slow_rate {
+        stats.slow.fetch_add(1, Ordering::Relaxed);
+        delay += f.slow_for;
+    }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

@@ -93,6 +93,12 @@ struct EndpointArgs {
     /// Fraction of calls answered 400 ThrottlingException.
     #[arg(long, default_value_t = 0.0)]
     throttle_rate: f64,
+    /// Fraction of calls answered only after an extra --slow-for.
+    #[arg(long, default_value_t = 0.0)]
+    slow_rate: f64,
+    /// Extra delay of a slow call, e.g. 5s.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    slow_for: Duration,
     /// Start of an outage (503 ServiceUnavailable), from server start.
     #[arg(long, value_parser = humantime::parse_duration)]
     outage_after: Option<Duration>,
@@ -254,6 +260,8 @@ async fn endpoint(args: EndpointArgs) -> ExitCode {
             latency_per_image: args.latency_per_image,
             failure_rate: args.failure_rate,
             throttle_rate: args.throttle_rate,
+            slow_rate: args.slow_rate,
+            slow_for: args.slow_for,
             outage_after: args.outage_after,
             outage_for: args.outage_for,
             seed: args.seed,

@@ -573,9 +573,12 @@ async fn batch_mode_isolates_the_image_the_model_rejects() {
 }
 
 async fn faulty_endpoint(mode: &str) {
+    // 15% 500s, 15% throttling, and 5% of calls slower than the timeout.
     let faults = Faults {
         failure_rate: 0.15,
         throttle_rate: 0.15,
+        slow_rate: 0.05,
+        slow_for: Duration::from_secs(3),
         seed: 7,
         ..Faults::default()
     };
@@ -586,6 +589,7 @@ async fn faulty_endpoint(mode: &str) {
         .service(&[
             ("ENDPOINT__MODE", mode),
             ("ENDPOINT__MAX_ATTEMPTS", "12"),
+            ("ENDPOINT__TIMEOUT", "1s"),
             ("BATCH__MAX_IMAGES", "4"),
         ])
         .await;
@@ -606,22 +610,36 @@ async fn faulty_endpoint(mode: &str) {
         stats.throttled.load(Relaxed) > 0,
         "no throttling was injected"
     );
-    let errors = service
-        .metric("inferstream_inference_errors_total", &[])
-        .await;
-    assert_eq!(
-        errors as u64,
-        stats.failed.load(Relaxed) + stats.throttled.load(Relaxed)
+    let kind = |k: &str| format!("kind=\"{k}\"");
+    let metric = |k: String| {
+        let service = &service;
+        async move {
+            service
+                .metric("inferstream_inference_errors_total", &[&k])
+                .await as u64
+        }
+    };
+    // Every slow call ran into endpoint.timeout and was retried.
+    let slow = stats.slow.load(Relaxed);
+    assert!(slow > 0, "no slow call was injected");
+    assert_eq!(metric(kind("timeout")).await, slow);
+    // 500s and throttling seen by the service are those the endpoint sent
+    // (a slow call's answer may never have been sent: it timed out first).
+    let seen = metric(kind("server_error")).await + metric(kind("throttled")).await;
+    let sent = stats.failed.load(Relaxed) + stats.throttled.load(Relaxed);
+    assert!(
+        seen <= sent && seen + slow >= sent,
+        "seen {seen}, sent {sent}, slow {slow}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn throttling_and_errors_are_retried_per_image() {
+async fn throttling_errors_and_slow_calls_are_retried_per_image() {
     faulty_endpoint("per-image").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn throttling_and_errors_are_retried_in_batch_mode() {
+async fn throttling_errors_and_slow_calls_are_retried_in_batch_mode() {
     faulty_endpoint("batch").await;
 }
 
@@ -718,6 +736,21 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
         "consumed {consumed} with 32 allowed in flight"
     );
     assert!(service.metric("inferstream_in_flight_images", &[]).await <= 32.0);
+    // Memory stays flat while it waits.
+    let rss_before = service.rss_kb();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = service.rss_kb();
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS grew from {rss_before} kB to {rss_after} kB during the outage"
+    );
+    assert_eq!(
+        service
+            .metric("inferstream_endpoint_circuit_open", &[])
+            .await,
+        1.0,
+        "still down"
+    );
 
     let mut out = stack.collector();
     out.until("a prediction per image after the outage", 2 * MINUTE, |r| {
