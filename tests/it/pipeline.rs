@@ -442,6 +442,10 @@ async fn poison_input_is_dead_lettered_and_the_service_keeps_going() {
         .service(&[
             ("FETCH__MAX_OBJECT_BYTES", "50000"),
             ("FILTER__ALLOWED_BUCKETS", "[\"uploads\"]"),
+            // A secret in the Kafka passthrough, and logs at info level,
+            // to check that neither secrets nor message bodies are logged.
+            ("KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "hunter2-do-not-log"),
+            ("LOG__LEVEL", "info"),
         ])
         .await;
 
@@ -510,6 +514,14 @@ async fn poison_input_is_dead_lettered_and_the_service_keeps_going() {
     let results = out.on(RESULTS);
     assert_eq!(results.len(), 1);
     assert_eq!(results[0].value["key"], "after/good.png");
+
+    let log = std::fs::read_to_string(&service.log).unwrap();
+    assert!(log.contains("event rejected"), "the rejections are logged");
+    assert!(!log.contains("hunter2"), "a secret reached the log");
+    assert!(
+        !log.contains("\"eventVersion\": \"2.1\""),
+        "a message body reached the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
