@@ -12,10 +12,11 @@ CARGO ?= cargo
 test: venv
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server $(CARGO) test --all-targets
 
-# The long reliability runs (docs/RELIABILITY.md): 20,000 events, 10 SIGKILLs.
+# The long reliability runs (docs/RELIABILITY.md): 20,000 events with 10
+# SIGKILLs, and a 30 s endpoint outage.
 soak: venv
-	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server CRASH_EVENTS=20000 CRASH_KILLS=10 \
-		$(CARGO) test --test it crash_loop -- --nocapture
+	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server CRASH_EVENTS=20000 CRASH_KILLS=10 OUTAGE_SECS=30 \
+		$(CARGO) test --test it -- crash_loop endpoint_outage --nocapture
 
 # Re-created when the pin changes; the stamp file names the pinned version.
 venv: $(VENV)/.moto-$(MOTO_VERSION)

@@ -153,17 +153,16 @@ pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Err
 pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     err: &SdkError<E, HttpResponse>,
 ) -> String {
-    let status = err.raw_response().map(|r| r.status().as_u16());
+    let status = err
+        .raw_response()
+        .map(|r| format!(" (HTTP {})", r.status().as_u16()))
+        .unwrap_or_default();
     match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!(
-            "{code}: {msg}{}",
-            status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
-        ),
-        (Some(code), None) => format!(
-            "{code}{}",
-            status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
-        ),
+        (Some(code), Some(msg)) => format!("{code}: {msg}{status}"),
+        (Some(code), None) => format!("{code}{status}"),
         _ => {
+            // No modelled code (e.g. an error body the SDK cannot parse):
+            // the error chain, and the status, which is then what tells.
             let mut s = err.to_string();
             let mut src = std::error::Error::source(err);
             while let Some(e) = src {
@@ -171,6 +170,7 @@ pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
                 s.push_str(&e.to_string());
                 src = e.source();
             }
+            s.push_str(&status);
             s
         }
     }

@@ -703,10 +703,15 @@ async fn sigkill_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
-    // The outage starts with the endpoint and outlasts the set-up below.
+    // The outage starts with the endpoint and outlasts the set-up below
+    // (15 s; `make soak` runs 30 s).
+    let outage: u64 = std::env::var("OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     let faults = Faults {
         outage_after: Some(Duration::ZERO),
-        outage_for: Duration::from_secs(12),
+        outage_for: Duration::from_secs(outage),
         ..Faults::default()
     };
     let stack = Stack::start(faults).await;
@@ -763,6 +768,17 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
         1.0,
         "still down"
     );
+    // The lag grows where it can be seen (librdkafka statistics, every 5 s).
+    let end = std::time::Instant::now() + Duration::from_secs(outage);
+    while service.metric("inferstream_consumer_lag", &[]).await <= 0.0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "no consumer lag reported during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lag = service.metric("inferstream_consumer_lag", &[]).await;
+    eprintln!("outage: consumer lag {lag} while the circuit was open");
 
     let mut out = stack.collector();
     out.until("a prediction per image after the outage", 2 * MINUTE, |r| {
@@ -881,4 +897,47 @@ async fn an_alert_that_cannot_be_published_is_dead_lettered_and_the_review_recor
         service.metric("inferstream_alerts_failed_total", &[]).await,
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sns_outage_is_retried_with_backoff_then_dead_lettered_and_recovers() {
+    let stack = Stack::start(Faults::default()).await;
+    // SNS is reached through a proxy that answers 503 to every request.
+    let proxy = FaultProxy::start(&stack.moto.url, 1.0, 0.0, 3).await;
+    let key = "alerts/outage.png";
+    let etag = stack
+        .put_object("uploads", key, test_image(0, 0.6, 2, 16, ImageFormat::Png))
+        .await;
+    stack
+        .produce(&[(key.to_string(), event(Shape::S3, "uploads", key, 0, &etag))])
+        .await;
+    let service = stack
+        .service(&[
+            ("AWS__SNS__ENDPOINT_URL", proxy.url.as_str()),
+            ("ALERTS__MAX_ATTEMPTS", "4"),
+        ])
+        .await;
+    let mut out = stack.collector();
+    out.until(
+        "the review record and the alert_failed dead letter",
+        MINUTE,
+        |r| r.iter().any(|o| o.topic == REVIEW) && r.iter().any(|o| o.topic == DEAD),
+    )
+    .await;
+    stack.wait_committed_to_end(MINUTE).await;
+    let dead = out.on(DEAD);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value["reason"], "alert_failed");
+    assert!(
+        dead[0].value["detail"].as_str().unwrap().contains("503"),
+        "{}",
+        dead[0].value
+    );
+    // Every attempt was made, each on a fresh connection.
+    assert_eq!(proxy.slowed.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(
+        service.metric("inferstream_alerts_failed_total", &[]).await,
+        1.0
+    );
+    assert_eq!(out.on(REVIEW).len(), 1, "the review record is never lost");
 }
