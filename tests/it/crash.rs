@@ -9,7 +9,20 @@ use std::time::{Duration, Instant};
 use inferstream::endpoint::Faults;
 
 use crate::harness::*;
-use crate::pipeline::{upload_images, MINUTE};
+use crate::pipeline::{tally, upload_images, Upload, MINUTE};
+
+/// A stack whose endpoint answers in 10 ms, with `n` images uploaded and
+/// their events produced.
+async fn slow_stack_with(n: usize, prefix: &str) -> (Stack, Vec<Upload>) {
+    let faults = Faults {
+        latency: Duration::from_millis(10),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, n, prefix).await;
+    stack.produce(&events).await;
+    (stack, uploads)
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -27,14 +40,8 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
     let mut rng = fastrand::Rng::with_seed(seed as u64);
 
     // A slow enough endpoint that the kills land mid-stream.
-    let faults = Faults {
-        latency: Duration::from_millis(10),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
     let t0 = Instant::now();
-    let (uploads, events) = upload_images(&stack, n, "crash").await;
-    stack.produce(&events).await;
+    let (stack, uploads) = slow_stack_with(n, "crash").await;
     let uploaded_in = t0.elapsed();
     let window = in_flight.to_string();
     let settings = [
@@ -70,18 +77,12 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
     out.settle(Duration::from_millis(500)).await;
     let took = started.elapsed();
 
-    let by_id = predictions_by_id(&out.records);
-    let missing: Vec<&str> = uploads
-        .iter()
-        .filter(|u| !by_id.contains_key(&u.id))
-        .map(|u| u.id.as_str())
-        .collect();
-    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    let (missing, duplicates) = tally(&uploads, &out.records);
     let dead = out.on(DEAD).len();
     eprintln!(
         "crash loop (seed {seed}): {n} events, {kills} SIGKILLs at {at_kill:?} predictions, \
          lost {}, duplicates {duplicates} (window {in_flight} per crash), dead letters {dead}, \
-         {:.1} s after {:.1} s of uploads",
+         {:.1} s after {:.1} s of set-up and uploads",
         missing.len(),
         took.as_secs_f64(),
         uploaded_in.as_secs_f64()
@@ -115,13 +116,7 @@ async fn instances_join_and_die_with_cooperative_rebalancing_and_nothing_is_lost
 /// is librdkafka's partition.assignment.strategy (its default when None).
 async fn group_changes(strategy: Option<&str>) {
     let n = 1200;
-    let faults = Faults {
-        latency: Duration::from_millis(10),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
-    let (uploads, events) = upload_images(&stack, n, "group").await;
-    stack.produce(&events).await;
+    let (stack, uploads) = slow_stack_with(n, "group").await;
     let mut settings = vec![
         ("ENDPOINT__CONCURRENCY", "2"),
         ("PIPELINE__MAX_IN_FLIGHT", "64"),
@@ -178,12 +173,8 @@ async fn group_changes(strategy: Option<&str>) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let by_id = predictions_by_id(&out.records);
-    let missing = uploads
-        .iter()
-        .filter(|u| !by_id.contains_key(&u.id))
-        .count();
-    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    let (missing, duplicates) = tally(&uploads, &out.records);
+    let missing = missing.len();
     eprintln!(
         "group ({}): {n} events, 2 instances, 1 added, 1 killed: lost {missing}, duplicates {duplicates}",
         strategy.unwrap_or("default assignor")
@@ -197,13 +188,7 @@ async fn broker_down_and_request_errors_lose_nothing() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
     let n = 600;
-    let faults = Faults {
-        latency: Duration::from_millis(10),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
-    let (uploads, events) = upload_images(&stack, n, "broker").await;
-    stack.produce(&events).await;
+    let (stack, uploads) = slow_stack_with(n, "broker").await;
     let service = stack.service(&[("ENDPOINT__CONCURRENCY", "2")]).await;
 
     let mut out = stack.collector();
@@ -243,12 +228,8 @@ async fn broker_down_and_request_errors_lose_nothing() {
     stack.wait_committed_to_end(MINUTE).await;
     out.settle(Duration::from_millis(300)).await;
 
-    let by_id = predictions_by_id(&out.records);
-    let missing = uploads
-        .iter()
-        .filter(|u| !by_id.contains_key(&u.id))
-        .count();
-    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    let (missing, duplicates) = tally(&uploads, &out.records);
+    let missing = missing.len();
     eprintln!(
         "broker: down 3 s, then produce and commit errors: lost {missing}, duplicates {duplicates}"
     );
@@ -282,8 +263,8 @@ async fn s3_slow_down_and_hung_requests_are_retried_and_nothing_is_lost() {
     out.settle(Duration::from_millis(300)).await;
 
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
-    let by_id = predictions_by_id(&out.records);
-    assert!(uploads.iter().all(|u| by_id.contains_key(&u.id)));
+    let (missing, _) = tally(&uploads, &out.records);
+    assert!(missing.is_empty(), "no prediction for {missing:?}");
     let slowed = proxy.slowed.load(std::sync::atomic::Ordering::Relaxed);
     let hung = proxy.hung.load(std::sync::atomic::Ordering::Relaxed);
     let retries = service.metric("inferstream_fetch_retries_total", &[]).await;

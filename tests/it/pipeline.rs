@@ -77,6 +77,18 @@ pub(crate) async fn upload_images(
     (uploads, events)
 }
 
+/// Images with no prediction, and predictions beyond the first per image.
+pub(crate) fn tally<'a>(uploads: &'a [Upload], records: &[Out]) -> (Vec<&'a str>, usize) {
+    let by_id = predictions_by_id(records);
+    let missing = uploads
+        .iter()
+        .filter(|u| !by_id.contains_key(&u.id))
+        .map(|u| u.id.as_str())
+        .collect();
+    let duplicates = by_id.values().map(|v| v.len() - 1).sum();
+    (missing, duplicates)
+}
+
 /// Every upload has exactly one prediction, on the topic its confidence
 /// calls for, with the right label, confidence and key.
 fn assert_exactly_one_prediction_each(uploads: &[Upload], records: &[Out]) {
@@ -690,11 +702,8 @@ async fn sigkill_mid_stream_loses_nothing() {
     stack.wait_committed_to_end(MINUTE).await;
     out.settle(Duration::from_millis(300)).await;
 
-    let by_id = predictions_by_id(&out.records);
-    for u in &uploads {
-        assert!(by_id.contains_key(&u.id), "{} has no prediction", u.id);
-    }
-    let duplicates: usize = by_id.values().map(|v| v.len() - 1).sum();
+    let (missing, duplicates) = tally(&uploads, &out.records);
+    assert!(missing.is_empty(), "no prediction for {missing:?}");
     eprintln!(
         "restart: {before} predictions before SIGKILL, {duplicates} duplicates after restart"
     );
@@ -857,24 +866,16 @@ async fn sigterm_under_load_drains_commits_and_a_clean_restart_duplicates_nothin
     assert_exactly_one_prediction_each(&uploads, &out.records);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_alert_that_cannot_be_published_is_dead_lettered_and_the_review_record_kept() {
-    let stack = Stack::start(Faults::default()).await;
-    let key = "alerts/unsent.png";
+/// One low-confidence image through a service started with `env`: its
+/// review record and its single dead letter, which must be `alert_failed`.
+async fn failed_alert(stack: &Stack, key: &str, env: &[(&str, &str)]) -> (ServiceProc, Value) {
     let etag = stack
         .put_object("uploads", key, test_image(1, 0.6, 2, 16, ImageFormat::Png))
         .await;
     stack
         .produce(&[(key.to_string(), event(Shape::S3, "uploads", key, 0, &etag))])
         .await;
-    let missing_topic = "arn:aws:sns:us-east-1:123456789012:no-such-topic";
-    let service = stack
-        .service(&[
-            ("ALERTS__TOPIC_ARN", missing_topic),
-            ("ALERTS__MAX_ATTEMPTS", "2"),
-        ])
-        .await;
-
+    let service = stack.service(env).await;
     let mut out = stack.collector();
     out.until(
         "the review record and the alert_failed dead letter",
@@ -883,20 +884,32 @@ async fn an_alert_that_cannot_be_published_is_dead_lettered_and_the_review_recor
     )
     .await;
     stack.wait_committed_to_end(MINUTE).await;
+    assert_eq!(out.on(REVIEW).len(), 1, "the review record is never lost");
     let dead = out.on(DEAD);
     assert_eq!(dead.len(), 1);
-    let d = &dead[0].value;
+    let d = dead[0].value.clone();
     assert_eq!(d["reason"], "alert_failed");
     assert_eq!(d["key"], key);
-    assert!(d["detail"].as_str().unwrap().contains(missing_topic), "{d}");
     // The payload is the prediction whose alert failed.
     let p: Value = serde_json::from_str(d["payload"].as_str().unwrap()).unwrap();
     assert_eq!(p["decision"], "review");
-    assert_eq!(out.on(REVIEW).len(), 1);
     assert_eq!(
         service.metric("inferstream_alerts_failed_total", &[]).await,
         1.0
     );
+    (service, d)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alert_that_cannot_be_published_is_dead_lettered_and_the_review_record_kept() {
+    let stack = Stack::start(Faults::default()).await;
+    let missing_topic = "arn:aws:sns:us-east-1:123456789012:no-such-topic";
+    let env = [
+        ("ALERTS__TOPIC_ARN", missing_topic),
+        ("ALERTS__MAX_ATTEMPTS", "2"),
+    ];
+    let (_service, d) = failed_alert(&stack, "alerts/unsent.png", &env).await;
+    assert!(d["detail"].as_str().unwrap().contains(missing_topic), "{d}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -904,40 +917,12 @@ async fn an_sns_outage_is_retried_with_backoff_then_dead_lettered_and_recovers()
     let stack = Stack::start(Faults::default()).await;
     // SNS is reached through a proxy that answers 503 to every request.
     let proxy = FaultProxy::start(&stack.moto.url, 1.0, 0.0, 3).await;
-    let key = "alerts/outage.png";
-    let etag = stack
-        .put_object("uploads", key, test_image(0, 0.6, 2, 16, ImageFormat::Png))
-        .await;
-    stack
-        .produce(&[(key.to_string(), event(Shape::S3, "uploads", key, 0, &etag))])
-        .await;
-    let service = stack
-        .service(&[
-            ("AWS__SNS__ENDPOINT_URL", proxy.url.as_str()),
-            ("ALERTS__MAX_ATTEMPTS", "4"),
-        ])
-        .await;
-    let mut out = stack.collector();
-    out.until(
-        "the review record and the alert_failed dead letter",
-        MINUTE,
-        |r| r.iter().any(|o| o.topic == REVIEW) && r.iter().any(|o| o.topic == DEAD),
-    )
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    let dead = out.on(DEAD);
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].value["reason"], "alert_failed");
-    assert!(
-        dead[0].value["detail"].as_str().unwrap().contains("503"),
-        "{}",
-        dead[0].value
-    );
+    let env = [
+        ("AWS__SNS__ENDPOINT_URL", proxy.url.as_str()),
+        ("ALERTS__MAX_ATTEMPTS", "4"),
+    ];
+    let (_service, d) = failed_alert(&stack, "alerts/outage.png", &env).await;
+    assert!(d["detail"].as_str().unwrap().contains("503"), "{d}");
     // Every attempt was made, each on a fresh connection.
     assert_eq!(proxy.slowed.load(std::sync::atomic::Ordering::Relaxed), 4);
-    assert_eq!(
-        service.metric("inferstream_alerts_failed_total", &[]).await,
-        1.0
-    );
-    assert_eq!(out.on(REVIEW).len(), 1, "the review record is never lost");
 }
