@@ -94,7 +94,13 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
 
     // S3 and the endpoint.
     let s3_dir = tempfile::tempdir().context("creating a directory for the embedded S3")?;
-    let s3_addr = serve_s3(s3_dir.path(), stop.clone()).await?;
+    // Alerts go to a real SNS topic only when one is configured; then the
+    // standard AWS credentials sign every request, and the embedded S3
+    // accepts those credentials.
+    let sns = config.alerts.enabled && !config.alerts.topic_arn.is_empty();
+    let sdk = demo_sdk_config(&config, sns).await;
+    let (key, secret) = signing_keys(&sdk).await?;
+    let s3_addr = serve_s3(s3_dir.path(), &key, &secret, stop.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = crate::endpoint::spawn(
         listener,
@@ -110,7 +116,6 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     )?;
 
     // The service's configuration: everything embedded, SNS only if set.
-    let sns = config.alerts.enabled && !config.alerts.topic_arn.is_empty();
     let k = &mut config.kafka;
     k.brokers = brokers.clone();
     k.group_id = "inferstream-demo".into();
@@ -135,7 +140,6 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     }
     config.validate()?;
 
-    let sdk = demo_sdk_config(&config, sns).await;
     let s3 = crate::aws::s3_client(&sdk, &config);
     for bucket in [UPLOADS, CAPTURE_BUCKET] {
         s3.create_bucket()
@@ -492,13 +496,36 @@ fn output_reader(brokers: &str, topics: &[String; 3]) -> anyhow::Result<StreamCo
 }
 
 /// Serves S3 (s3s-fs over `root`) on a free loopback port until `stop`.
-async fn serve_s3(root: &std::path::Path, stop: CancellationToken) -> anyhow::Result<SocketAddr> {
+/// The access key and secret that `sdk` signs with.
+async fn signing_keys(sdk: &aws_config::SdkConfig) -> anyhow::Result<(String, String)> {
+    use aws_sdk_s3::config::ProvideCredentials as _;
+    let provider = sdk.credentials_provider().context(
+        "no AWS credentials provider (alerts.topic_arn is set, so SNS needs credentials)",
+    )?;
+    let creds = provider.provide_credentials().await.map_err(|e| {
+        anyhow::anyhow!(
+            "alerts.topic_arn is set, so the demo publishes to SNS, but no AWS credentials were found: {e}; \
+             configure credentials or leave alerts.topic_arn empty to see alerts in the terminal"
+        )
+    })?;
+    Ok((
+        creds.access_key_id().to_string(),
+        creds.secret_access_key().to_string(),
+    ))
+}
+
+async fn serve_s3(
+    root: &std::path::Path,
+    key: &str,
+    secret: &str,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder as ConnBuilder;
 
     let fs = s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("embedded S3: {e:?}"))?;
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(DEMO_KEY, DEMO_SECRET));
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(key, secret));
     let service = builder.build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
