@@ -9,20 +9,7 @@ use std::time::{Duration, Instant};
 use inferstream::endpoint::Faults;
 
 use crate::harness::*;
-use crate::pipeline::{tally, upload_images, Upload, MINUTE};
-
-/// A stack whose endpoint answers in 10 ms, with `n` images uploaded and
-/// their events produced.
-async fn slow_stack_with(n: usize, prefix: &str) -> (Stack, Vec<Upload>) {
-    let faults = Faults {
-        latency: Duration::from_millis(10),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
-    let (uploads, events) = upload_images(&stack, n, prefix).await;
-    stack.produce(&events).await;
-    (stack, uploads)
-}
+use crate::pipeline::{slow_stack_with, tally, upload_images, MINUTE};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -41,7 +28,7 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
 
     // A slow enough endpoint that the kills land mid-stream.
     let t0 = Instant::now();
-    let (stack, uploads) = slow_stack_with(n, "crash").await;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "crash").await;
     let uploaded_in = t0.elapsed();
     let window = in_flight.to_string();
     let settings = [
@@ -116,7 +103,7 @@ async fn instances_join_and_die_with_cooperative_rebalancing_and_nothing_is_lost
 /// is librdkafka's partition.assignment.strategy (its default when None).
 async fn group_changes(strategy: Option<&str>) {
     let n = 1200;
-    let (stack, uploads) = slow_stack_with(n, "group").await;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "group").await;
     let mut settings = vec![
         ("ENDPOINT__CONCURRENCY", "2"),
         ("PIPELINE__MAX_IN_FLIGHT", "64"),
@@ -188,7 +175,7 @@ async fn broker_down_and_request_errors_lose_nothing() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
     let n = 600;
-    let (stack, uploads) = slow_stack_with(n, "broker").await;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "broker").await;
     let service = stack.service(&[("ENDPOINT__CONCURRENCY", "2")]).await;
 
     let mut out = stack.collector();

@@ -77,6 +77,23 @@ pub(crate) async fn upload_images(
     (uploads, events)
 }
 
+/// A stack whose endpoint answers in `latency`, with `n` images uploaded
+/// and their events produced.
+pub(crate) async fn slow_stack_with(
+    latency: Duration,
+    n: usize,
+    prefix: &str,
+) -> (Stack, Vec<Upload>) {
+    let faults = Faults {
+        latency,
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let (uploads, events) = upload_images(&stack, n, prefix).await;
+    stack.produce(&events).await;
+    (stack, uploads)
+}
+
 /// Images with no prediction, and predictions beyond the first per image.
 pub(crate) fn tally<'a>(uploads: &'a [Upload], records: &[Out]) -> (Vec<&'a str>, usize) {
     let by_id = predictions_by_id(records);
@@ -669,14 +686,8 @@ async fn throttling_errors_and_slow_calls_are_retried_in_batch_mode() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_stream_loses_nothing() {
-    let faults = Faults {
-        latency: Duration::from_millis(40),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
     let n = 300;
-    let (uploads, events) = upload_images(&stack, n, "restart").await;
-    stack.produce(&events).await;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(40), n, "restart").await;
     let slow = [
         ("ENDPOINT__CONCURRENCY", "2"),
         ("PIPELINE__MAX_IN_FLIGHT", "64"),
@@ -820,14 +831,8 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_drains_commits_and_a_clean_restart_duplicates_nothing() {
-    let faults = Faults {
-        latency: Duration::from_millis(30),
-        ..Faults::default()
-    };
-    let stack = Stack::start(faults).await;
     let n = 240;
-    let (uploads, events) = upload_images(&stack, n, "graceful").await;
-    stack.produce(&events).await;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(30), n, "graceful").await;
     let slow = [
         ("ENDPOINT__CONCURRENCY", "2"),
         ("PIPELINE__SHUTDOWN_TIMEOUT", "20s"),
