@@ -54,14 +54,7 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
         at_kill.push(predictions_by_id(&out.records).len());
     }
     let _last = stack.service(&settings).await;
-    out.until(
-        "a prediction per image after the last restart",
-        5 * MINUTE,
-        |r| predictions_by_id(r).len() >= n,
-    )
-    .await;
-    stack.wait_committed_to_end(2 * MINUTE).await;
-    out.settle(Duration::from_millis(500)).await;
+    out.all_predicted(&stack, n, 5 * MINUTE).await;
     let took = started.elapsed();
 
     let (missing, duplicates) = tally(&uploads, &out.records);
@@ -140,12 +133,7 @@ async fn group_changes(strategy: Option<&str>) {
     })
     .await;
     a.kill();
-    out.until("a prediction per image", 3 * MINUTE, |r| {
-        predictions_by_id(r).len() >= n
-    })
-    .await;
-    stack.wait_committed_to_end(2 * MINUTE).await;
-    out.settle(Duration::from_millis(500)).await;
+    out.all_predicted(&stack, n, 3 * MINUTE).await;
 
     // After the dead member's session expired, the survivors own every partition.
     let end = Instant::now() + MINUTE;
@@ -208,12 +196,7 @@ async fn broker_down_and_request_errors_lose_nothing() {
             RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
         ],
     );
-    out.until("a prediction per image", 2 * MINUTE, |r| {
-        predictions_by_id(r).len() >= n
-    })
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, n, 2 * MINUTE).await;
 
     let (missing, duplicates) = tally(&uploads, &out.records);
     let missing = missing.len();
@@ -242,12 +225,7 @@ async fn s3_slow_down_and_hung_requests_are_retried_and_nothing_is_lost() {
         ])
         .await;
     let mut out = stack.collector();
-    out.until("a prediction per image", 2 * MINUTE, |r| {
-        predictions_by_id(r).len() >= n
-    })
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, n, 2 * MINUTE).await;
 
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
     let (missing, _) = tally(&uploads, &out.records);

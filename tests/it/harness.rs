@@ -533,6 +533,22 @@ impl Collector {
         }
     }
 
+    /// Reads until each of `n` images has a prediction (within `deadline`),
+    /// waits for the service group to commit to the end of the input, then
+    /// reads any late records, so that duplicates are counted too.
+    pub async fn all_predicted(&mut self, stack: &Stack, n: usize, deadline: Duration) {
+        self.until(
+            &format!("a prediction for each of {n} images"),
+            deadline,
+            |r| predictions_by_id(r).len() >= n,
+        )
+        .await;
+        stack
+            .wait_committed_to_end(2 * Duration::from_secs(60))
+            .await;
+        self.settle(Duration::from_millis(500)).await;
+    }
+
     /// Reads whatever else arrives within `quiet` (to catch extra records).
     pub async fn settle(&mut self, quiet: Duration) {
         while self.read(quiet).await > 0 {}

@@ -177,12 +177,7 @@ async fn happy_path(mode: &str, n: usize) {
         .await;
 
     let mut out = stack.collector();
-    out.until("a prediction per image", MINUTE, |r| {
-        predictions_by_id(r).len() >= n
-    })
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(500)).await;
+    out.all_predicted(&stack, n, MINUTE).await;
     assert!(
         out.on(DEAD).is_empty(),
         "dead letters: {}",
@@ -635,12 +630,7 @@ async fn faulty_endpoint(mode: &str) {
         ])
         .await;
     let mut out = stack.collector();
-    out.until("a prediction per image", MINUTE, |r| {
-        predictions_by_id(r).len() >= uploads.len()
-    })
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, uploads.len(), MINUTE).await;
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
     assert_exactly_one_prediction_each(&uploads, &out.records);
 
@@ -704,14 +694,7 @@ async fn sigkill_mid_stream_loses_nothing() {
     assert!(before < n, "the service finished before it was killed");
 
     let _second = stack.service(&[]).await;
-    out.until(
-        "a prediction per image after the restart",
-        2 * MINUTE,
-        |r| predictions_by_id(r).len() >= n,
-    )
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, n, 2 * MINUTE).await;
 
     let (missing, duplicates) = tally(&uploads, &out.records);
     assert!(missing.is_empty(), "no prediction for {missing:?}");
@@ -801,12 +784,7 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
     eprintln!("outage: consumer lag {lag} while the circuit was open");
 
     let mut out = stack.collector();
-    out.until("a prediction per image after the outage", 2 * MINUTE, |r| {
-        predictions_by_id(r).len() >= uploads.len()
-    })
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, uploads.len(), 2 * MINUTE).await;
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
     assert_exactly_one_prediction_each(&uploads, &out.records);
     assert_eq!(
@@ -858,14 +836,7 @@ async fn sigterm_under_load_drains_commits_and_a_clean_restart_duplicates_nothin
     let before = predictions_by_id(&out.records).len();
 
     let _second = stack.service(&slow).await;
-    out.until(
-        "a prediction per image after the restart",
-        2 * MINUTE,
-        |r| predictions_by_id(r).len() >= n,
-    )
-    .await;
-    stack.wait_committed_to_end(MINUTE).await;
-    out.settle(Duration::from_millis(300)).await;
+    out.all_predicted(&stack, n, 2 * MINUTE).await;
     eprintln!("graceful: SIGTERM after {before} predictions, exited in {took:?}");
     // Everything completed before the exit was committed: nothing twice.
     assert_exactly_one_prediction_each(&uploads, &out.records);
