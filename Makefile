@@ -7,7 +7,7 @@ VENV := .venv
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: test soak venv lint fmt clean-venv
+.PHONY: test soak bench venv lint fmt clean-venv
 
 test: venv
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server $(CARGO) test --all-targets
@@ -17,6 +17,12 @@ test: venv
 soak: venv
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server CRASH_EVENTS=20000 CRASH_KILLS=10 OUTAGE_SECS=30 \
 		$(CARGO) test --test it -- crash_loop endpoint_outage --nocapture
+
+# Throughput, latency, CPU per image and memory against the endpoint's bound
+# (docs/BENCHMARKS.md). Everything in-process, no moto needed. Pass
+# scenario names or --quick: make bench ARGS="--quick 1-batch".
+bench:
+	$(CARGO) bench --bench throughput -- $(ARGS)
 
 # Re-created when the pin changes; the stamp file names the pinned version.
 venv: $(VENV)/.moto-$(MOTO_VERSION)

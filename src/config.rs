@@ -278,6 +278,8 @@ pub struct PipelineConfig {
     /// Drain deadline on SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Threads running the pipeline's tasks; 0 means one per CPU.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -612,6 +614,15 @@ impl Config {
 
         if self.pipeline.max_in_flight == 0 {
             err("pipeline.max_in_flight", "must be at least 1".into());
+        }
+        if self.pipeline.worker_threads > 512 {
+            err(
+                "pipeline.worker_threads",
+                format!(
+                    "{} threads is more than 512; use 0 for one per CPU",
+                    self.pipeline.worker_threads
+                ),
+            );
         }
         if self.metrics.listen.parse::<SocketAddr>().is_err() {
             err(

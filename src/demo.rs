@@ -107,6 +107,8 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
         EndpointOptions {
             name: None,
             classes: config.endpoint.labels.len(),
+            workers: 0,
+            memoize: false,
             faults: Faults {
                 latency: Duration::from_millis(5),
                 ..Faults::default()

@@ -26,6 +26,8 @@
 //! only after an extra delay), so the service can be tested against a
 //! misbehaving endpoint. `GET /stats` reports request counts as JSON.
 
+use std::collections::HashMap;
+use std::hash::{Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +54,14 @@ pub struct EndpointOptions {
     pub name: Option<String>,
     /// Number of classes of the test model.
     pub classes: usize,
+    /// Calls served at once, like a model server's workers; further calls
+    /// wait for a free worker (0: no limit). With `latency` L and `workers`
+    /// C, the endpoint answers at most C calls per L, whoever calls it.
+    pub workers: usize,
+    /// Remember the answer for each distinct image instead of decoding it
+    /// again (benchmarks: the model's cost is then only the configured
+    /// latency, not this process's CPU).
+    pub memoize: bool,
     pub faults: Faults,
 }
 
@@ -89,6 +99,9 @@ pub struct EndpointStats {
     pub unavailable: AtomicU64,
     pub model_errors: AtomicU64,
     pub slow: AtomicU64,
+    /// Sum over answered calls of the time from request received to
+    /// answer ready, microseconds.
+    pub answer_micros: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -124,7 +137,12 @@ struct AppState {
     started: Instant,
     dice: Mutex<fastrand::Rng>,
     stats: Arc<EndpointStats>,
+    workers: Option<Arc<tokio::sync::Semaphore>>,
+    memo: Mutex<HashMap<u64, Vec<f64>>>,
 }
+
+/// Answers remembered at most (then forgotten all at once).
+const MEMO_ENTRIES: usize = 65_536;
 
 /// A running endpoint.
 pub struct RunningEndpoint {
@@ -150,6 +168,8 @@ pub fn spawn(
     let stats = Arc::new(EndpointStats::default());
     let state = Arc::new(AppState {
         dice: Mutex::new(fastrand::Rng::with_seed(opts.faults.seed)),
+        workers: (opts.workers > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.workers))),
+        memo: Mutex::new(HashMap::new()),
         opts,
         started: Instant::now(),
         stats: stats.clone(),
@@ -188,7 +208,7 @@ async fn runtime_invocations(
             );
         }
     }
-    invoke(&state, &headers, body).await
+    invoke(state, &headers, body).await
 }
 
 async fn invocations(
@@ -196,7 +216,40 @@ async fn invocations(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    invoke(&state, &headers, body).await
+    invoke(state, &headers, body).await
+}
+
+impl AppState {
+    /// The model's answer, remembered per distinct image when `memoize` is on.
+    fn classify(&self, img: &[u8], classes: usize) -> Result<Vec<f64>, String> {
+        if !self.opts.memoize {
+            return model::classify(img, classes);
+        }
+        let key = fingerprint(img);
+        if let Some(p) = self.memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(p);
+        }
+        let p = model::classify(img, classes)?;
+        if let Ok(mut memo) = self.memo.lock() {
+            if memo.len() >= MEMO_ENTRIES {
+                memo.clear();
+            }
+            memo.insert(key, p.clone());
+        }
+        Ok(p)
+    }
+}
+
+/// A hash of an image: its length and up to 4 KiB of its bytes, evenly
+/// spread (cheap for large photos, exact for small images).
+fn fingerprint(img: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    img.len().hash(&mut h);
+    let step = (img.len() / 4096).max(1);
+    for b in img.iter().step_by(step) {
+        h.write_u8(*b);
+    }
+    h.finish()
 }
 
 enum Dice {
@@ -229,7 +282,40 @@ impl AppState {
     }
 }
 
-async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response {
+/// Waits until `t`, to within a few microseconds: tokio's timer rounds up
+/// to the next millisecond, which would add half a millisecond or more to
+/// every call, so the last millisecond is spent yielding.
+async fn wait_until(t: tokio::time::Instant) {
+    let early = Duration::from_millis(1);
+    if let Some(before) = t.checked_sub(early) {
+        tokio::time::sleep_until(before).await;
+    }
+    while tokio::time::Instant::now() < t {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Requests larger than this are parsed and classified on a blocking
+/// thread, so that a batch of photos does not stall other connections.
+const LARGE_REQUEST: usize = 64 * 1024;
+
+/// Runs `f` on a blocking thread when `large`, else here.
+async fn model_work<T: Send + 'static>(
+    large: bool,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    if large {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(format!("the model failed: {e}")))
+    } else {
+        f()
+    }
+}
+
+async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Response {
+    let received = Instant::now();
+    let large = body.len() > LARGE_REQUEST;
     let stats = &state.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let content_type = headers
@@ -240,7 +326,8 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
     let batch = content_type.starts_with("application/json");
 
     let images: Vec<Vec<u8>> = if batch {
-        match parse_instances(&body) {
+        let body = body.clone();
+        match model_work(large, move || parse_instances(&body)).await {
             Ok(images) => images,
             Err(msg) => {
                 stats.model_errors.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +345,11 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
         .images
         .fetch_add(images.len() as u64, Ordering::Relaxed);
 
+    // A call waits for a free worker, then takes the whole latency.
+    let _worker = match &state.workers {
+        Some(w) => w.clone().acquire_owned().await.ok(),
+        None => None,
+    };
     let dice = state.roll();
     let f = &state.opts.faults;
     let mut delay = f.latency + f.latency_per_image * images.len() as u32;
@@ -265,11 +357,35 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
         stats.slow.fetch_add(1, Ordering::Relaxed);
         delay += f.slow_for;
     }
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    // The latency is the whole answer time once the request is in: the
+    // model's work below happens within it, as on a real endpoint. A call
+    // waiting for a worker starts its clock when it gets one.
+    let started = if state.workers.is_some() {
+        Instant::now()
+    } else {
+        received
+    };
+    let answer_at = tokio::time::Instant::from_std(started + delay);
+    let count = images.len();
+    let predictions = {
+        let state = state.clone();
+        let classes = state.opts.classes;
+        model_work(large, move || {
+            images
+                .iter()
+                .enumerate()
+                .map(|(i, img)| {
+                    state
+                        .classify(img, classes)
+                        .map_err(|e| format!("instance {i}: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+    };
     match dice {
         Dice::Outage => {
+            wait_until(answer_at).await;
             stats.unavailable.fetch_add(1, Ordering::Relaxed);
             return aws_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -278,6 +394,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
             );
         }
         Dice::Throttle => {
+            wait_until(answer_at).await;
             stats.throttled.fetch_add(1, Ordering::Relaxed);
             return aws_error(
                 StatusCode::BAD_REQUEST,
@@ -286,6 +403,7 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
             );
         }
         Dice::Fail => {
+            wait_until(answer_at).await;
             stats.failed.fetch_add(1, Ordering::Relaxed);
             return aws_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -296,17 +414,18 @@ async fn invoke(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response 
         Dice::Ok => {}
     }
 
-    let classes = state.opts.classes;
-    let mut predictions = Vec::with_capacity(images.len());
-    for (i, img) in images.iter().enumerate() {
-        match model::classify(img, classes) {
-            Ok(p) => predictions.push(p),
-            Err(e) => {
-                stats.model_errors.fetch_add(1, Ordering::Relaxed);
-                return model_error(&format!("instance {i}: {e}"));
-            }
+    wait_until(answer_at).await;
+    stats
+        .answer_micros
+        .fetch_add(received.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let predictions = match predictions {
+        Ok(p) => p,
+        Err(e) => {
+            stats.model_errors.fetch_add(1, Ordering::Relaxed);
+            return model_error(&e);
         }
-    }
+    };
+    debug_assert_eq!(predictions.len(), count);
     stats.ok.fetch_add(1, Ordering::Relaxed);
     let body = if batch {
         serde_json::json!({ "predictions": predictions })
@@ -487,9 +606,67 @@ pub mod model {
         out.into_inner()
     }
 
+    /// A `width`×`height` image with per-pixel noise, like a photo or a
+    /// CIFAR image: about as large as real ones of that size, and still
+    /// classified as `label` with about `confidence` (the noise has zero
+    /// mean in the red and green channels, away from their limits).
+    pub fn noisy_image(
+        label: usize,
+        confidence: f64,
+        classes: usize,
+        (width, height): (u32, u32),
+        format: ImageFormat,
+        seed: u64,
+    ) -> Vec<u8> {
+        let (r, g) = colour(label, confidence, classes);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let jitter = |c: u8, rng: &mut fastrand::Rng| {
+            let room = i32::from(c.min(255 - c)).min(24);
+            (i32::from(c) + rng.i32(-room..=room)) as u8
+        };
+        let img = RgbImage::from_fn(width.max(1), height.max(1), |_, _| {
+            Rgb([jitter(r, &mut rng), jitter(g, &mut rng), rng.u8(..)])
+        });
+        let mut out = Cursor::new(Vec::new());
+        let written = if format == ImageFormat::Jpeg {
+            // Cameras save at high quality.
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+                .encode_image(&img)
+                .is_ok()
+        } else {
+            img.write_to(&mut out, format).is_ok()
+        };
+        if !written {
+            let mut png = Cursor::new(Vec::new());
+            let _ = img.write_to(&mut png, ImageFormat::Png);
+            return png.into_inner();
+        }
+        out.into_inner()
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn noisy_images_score_about_what_they_were_made_for() {
+            for (format, size, tolerance) in [
+                (ImageFormat::Png, (32, 32), 0.01),
+                (ImageFormat::Jpeg, (32, 32), 0.03),
+                (ImageFormat::Jpeg, (480, 360), 0.03),
+            ] {
+                for (label, conf) in [(0, 0.97), (1, 0.7), (1, 0.99)] {
+                    let img = noisy_image(label, conf, 2, size, format, 7);
+                    let p = classify(&img, 2).unwrap();
+                    let want = expected_confidence(conf, 2);
+                    assert!(
+                        (p[label] - want).abs() < tolerance,
+                        "{format:?} {size:?}: {} for {want}",
+                        p[label]
+                    );
+                }
+            }
+        }
 
         #[test]
         fn test_images_score_what_they_were_made_for() {

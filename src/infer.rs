@@ -136,7 +136,8 @@ impl Inferrer {
         } else {
             self.config.content_type.as_str()
         };
-        match self.call(input.body.clone(), content_type).await {
+        let body = input.body;
+        match self.call(&|| body.to_vec(), content_type).await {
             Ok(ok) => {
                 let scores =
                     parse_single(&ok.body, self.config.labels.len()).map_err(|detail| {
@@ -174,8 +175,8 @@ impl Inferrer {
         idx: Vec<usize>,
     ) -> BoxFuture<'a, Vec<(usize, Result<Inference, InferError>)>> {
         async move {
-            let body = batch_request(idx.iter().map(|&i| inputs[i].body.as_ref()));
-            match self.call(body, "application/json").await {
+            let body = || batch_request(idx.iter().map(|&i| inputs[i].body.as_ref()));
+            match self.call(&body, "application/json").await {
                 Ok(ok) => match parse_batch(&ok.body, idx.len(), self.config.labels.len()) {
                     Ok(all) => idx
                         .into_iter()
@@ -243,10 +244,20 @@ impl Inferrer {
     }
 
     /// One logical call: attempts with backoff, through the circuit breaker.
-    async fn call(&self, body: Bytes, content_type: &str) -> Result<CallOk, CallError> {
+    /// One InvokeEndpoint with retries. The request body is made by
+    /// `make_body` once before the first attempt and again for each retry,
+    /// so that no copy of a (possibly megabytes) request waits in memory
+    /// for a retry that seldom comes.
+    async fn call(
+        &self,
+        make_body: &(dyn Fn() -> Vec<u8> + Sync),
+        content_type: &str,
+    ) -> Result<CallOk, CallError> {
         let cfg = &self.config;
         let mut attempts = 0u32;
+        let mut first = Some(make_body());
         loop {
+            let body = first.take().unwrap_or_else(make_body);
             let admission = self.breaker.admit().await;
             let permit = self.calls.acquire().await;
             let start = Instant::now();
@@ -256,9 +267,7 @@ impl Inferrer {
                 .endpoint_name(&cfg.name)
                 .content_type(content_type)
                 .accept("application/json")
-                .body(aws_sdk_sagemakerruntime::primitives::Blob::new(
-                    body.to_vec(),
-                ));
+                .body(aws_sdk_sagemakerruntime::primitives::Blob::new(body));
             if !cfg.variant.is_empty() {
                 req = req.target_variant(&cfg.variant);
             }
@@ -348,10 +357,18 @@ pub const ERROR_CLASSES: [ErrorClass; 5] = [
 ];
 
 /// `{"instances": [{"b64": "..."}, ...]}`
-pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Bytes {
+pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     let engine = &base64::engine::general_purpose::STANDARD;
-    let mut out = String::from("{\"instances\":[");
-    for (i, img) in images.enumerate() {
+    let images: Vec<&[u8]> = images.collect();
+    // Sized up front: a request of large images is megabytes, and growing
+    // it by doubling copies it several times.
+    let size: usize = images
+        .iter()
+        .map(|i| base64::encoded_len(i.len(), true).unwrap_or(0) + 12)
+        .sum();
+    let mut out = String::with_capacity(size + 16);
+    out.push_str("{\"instances\":[");
+    for (i, img) in images.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -360,7 +377,7 @@ pub fn batch_request<'a>(images: impl Iterator<Item = &'a [u8]>) -> Bytes {
         out.push_str("\"}");
     }
     out.push_str("]}");
-    Bytes::from(out)
+    out.into_bytes()
 }
 
 fn probabilities(v: &Value, classes: usize) -> Result<Vec<f64>, String> {

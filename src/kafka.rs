@@ -27,7 +27,11 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", cfg.auto_offset_reset.as_str())
         .set("session.timeout.ms", millis(cfg.session_timeout))
         .set("heartbeat.interval.ms", millis(cfg.heartbeat_interval))
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Prefetched input is bounded by this, not by the backlog: 16 MiB is
+        // about 16,000 S3 notifications, over a second of input at the
+        // service's ceiling (librdkafka's default is 64 MiB).
+        .set("queued.max.messages.kbytes", "16384");
     let mut c = with_properties(c, cfg);
     for (k, v) in &cfg.consumer_properties {
         c.set(k, v);

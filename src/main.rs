@@ -1,5 +1,12 @@
 //! The command line: parses arguments, sets up logging, calls the library.
 
+/// mimalloc instead of glibc's malloc: with large images glibc's per-thread
+/// arenas kept freed buffers and peak RSS grew past 200 MB (143 MB with one
+/// arena), and malloc/free were a sixth of the service's CPU profile
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +88,10 @@ struct EndpointArgs {
     /// Number of classes of the test model.
     #[arg(long, default_value_t = 2)]
     classes: usize,
+    /// Calls served at once (like model server workers); more calls wait
+    /// for a free one. 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// Latency added to every call, e.g. 50ms.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     latency: Duration,
@@ -137,10 +148,24 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `run` sizes its runtime from the configuration.
+    let mut run_config = None;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run = cli.command {
+        match load_config(cli.config.clone()) {
+            Ok(cfg) => {
+                if cfg.pipeline.worker_threads > 0 {
+                    builder.worker_threads(cfg.pipeline.worker_threads);
+                }
+                run_config = Some(cfg);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -149,7 +174,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig => check_config(cli.config),
-        Command::Run => runtime.block_on(run(cli.config)),
+        Command::Run => match run_config {
+            Some(cfg) => runtime.block_on(run(cfg)),
+            None => ExitCode::FAILURE,
+        },
         Command::Endpoint(args) => runtime.block_on(endpoint(args)),
         Command::Report(args) => runtime.block_on(report(cli.config, args)),
         Command::Demo(args) => runtime.block_on(demo(cli.config, args)),
@@ -205,14 +233,7 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn run(path: Option<PathBuf>) -> ExitCode {
-    let cfg = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+async fn run(cfg: Config) -> ExitCode {
     init_logging(cfg.log.format, &cfg.log.level);
     let shutdown = CancellationToken::new();
     if let Err(e) = inferstream::shutdown::on_signals(shutdown.clone()) {
@@ -255,6 +276,8 @@ async fn endpoint(args: EndpointArgs) -> ExitCode {
     let opts = EndpointOptions {
         name: args.name,
         classes: args.classes.max(1),
+        workers: args.workers,
+        memoize: false,
         faults: Faults {
             latency: args.latency,
             latency_per_image: args.latency_per_image,

@@ -205,9 +205,12 @@ async fn run(
 ) -> anyhow::Result<()> {
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
-    let (batch_in_tx, batch_in_rx) = mpsc::channel::<(FetchedJob, u64)>(cap);
-    let (batch_tx, batch_rx) =
-        mpsc::channel::<Vec<FetchedJob>>(config.endpoint.concurrency.max(1) * 2);
+    // Fetched images are the large part of what is in flight; only enough
+    // wait to fill the next batches, the rest of the in-flight allowance
+    // waits as (small) events, before fetching.
+    let (batch_in_tx, batch_in_rx) =
+        mpsc::channel::<(FetchedJob, u64)>(config.batch.max_images.max(1) * 2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<FetchedJob>>(1);
     let (out_tx, out_rx) = mpsc::channel::<(Output, Ack)>(cap);
 
     let fetch = tokio::spawn(fetch_stage(
@@ -273,6 +276,10 @@ async fn run(
     }
 }
 
+/// How long the pipeline may stay at its in-flight limit before the input
+/// partitions are paused.
+const PAUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn source_loop(
     consumer: &StreamConsumer<SourceContext>,
     config: &Config,
@@ -289,17 +296,40 @@ async fn source_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = false;
     loop {
-        let saturated = permits.available_permits() == 0;
-        if saturated != paused || saturated {
-            set_paused(consumer, saturated);
-            if saturated != paused {
-                tracing::debug!(
-                    paused = saturated,
-                    "in-flight limit {}",
-                    if saturated { "reached" } else { "freed" }
-                );
+        // At the in-flight limit, consumption waits. A short wait is the
+        // normal state of a saturated pipeline (permits come back every few
+        // milliseconds) and costs nothing: librdkafka keeps prefetching up
+        // to its queue limits. Only a long one (the endpoint is down)
+        // pauses the partitions, so that the consumer can go on being
+        // polled (group membership, rebalances) without receiving. Pausing
+        // drops librdkafka's prefetched messages, so doing it on every
+        // saturation would cap throughput at a fetch round trip per
+        // `max_in_flight` images.
+        if permits.available_permits() == 0 && !paused {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tracker.fatal().cancelled() => break,
+                _ = tick.tick() => {
+                    commit(consumer, tracker, metrics, topic, Positions::Changed);
+                    continue;
+                }
+                _ = permits.acquire() => continue,
+                _ = tokio::time::sleep(PAUSE_AFTER) => {
+                    set_paused(consumer, true);
+                    paused = true;
+                    tracing::debug!("in-flight limit reached for {PAUSE_AFTER:?}; partitions paused");
+                }
             }
-            paused = saturated;
+        } else if paused {
+            // Paused partitions may be re-assigned unpaused; keep them paused
+            // until there is room.
+            let full = permits.available_permits() == 0;
+            set_paused(consumer, full);
+            if !full {
+                paused = false;
+                tracing::debug!("in-flight limit freed; partitions resumed");
+            }
         }
         tokio::select! {
             biased;
@@ -455,7 +485,9 @@ async fn infer_stage(
                 (batch, results)
             }
         })
-        .buffer_unordered(concurrency)
+        // One batch more than calls allowed: it builds its request while
+        // waiting for a call slot, so the endpoint never waits for that.
+        .buffer_unordered(concurrency + 1)
         .for_each(|(batch, results)| {
             let out_tx = &out_tx;
             let config = &config;

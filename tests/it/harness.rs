@@ -229,6 +229,8 @@ impl Stack {
             EndpointOptions {
                 name: Some("image-classifier".into()),
                 classes: 2,
+                workers: 0,
+                memoize: false,
                 faults,
             },
             endpoint_stop.clone(),
