@@ -159,6 +159,15 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
             ..base.clone()
         },
         Scenario {
+            name: "5-photos-per-image",
+            about: "L=50ms C=64, per-image mode, 200 KB photos",
+            mode: "per-image",
+            concurrency: 64,
+            events: n(10_000),
+            images: Images::Photos,
+            ..base.clone()
+        },
+        Scenario {
             name: "5-photos",
             about: "L=50ms C=4 B=16, batch mode, 200 KB photos",
             events: n(10_000),

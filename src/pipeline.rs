@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Ack, Tracker};
 use crate::capture::{CaptureLine, Capturer};
-use crate::config::Config;
+use crate::config::{Config, RequestMode};
 use crate::decode::{decode, DeadLetterReason, ImageRef, Outcome};
 use crate::fetch::{Fetched, Fetcher};
 use crate::infer::{InferError, Inference, Inferrer, Input};
@@ -31,7 +31,7 @@ use crate::record::{
     image_id, now_rfc3339, DeadLetter, Decision, Latency, Prediction, SourceRef, PREDICTION_SCHEMA,
 };
 use crate::sink::{Alerter, KafkaSink};
-use crate::source::{commit, Positions, SourceContext};
+use crate::source::{commit_in_background, Positions, SourceContext};
 
 /// One image on its way.
 struct Job {
@@ -203,6 +203,7 @@ async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let consumer = Arc::new(consumer);
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
     // Fetched images are the large part of what is in flight; only enough
@@ -220,11 +221,13 @@ async fn run(
         batch_in_tx,
         out_tx.clone(),
     ));
-    let batch = tokio::spawn(crate::batch::run(
-        config.batch.clone(),
-        batch_in_rx,
-        batch_tx,
-    ));
+    // In per-image mode each image is its own call: it goes on at once,
+    // without waiting for batch-mates it does not need.
+    let mut batching = config.batch.clone();
+    if config.endpoint.mode == RequestMode::PerImage {
+        batching.max_images = 1;
+    }
+    let batch = tokio::spawn(crate::batch::run(batching, batch_in_rx, batch_tx));
     let infer = tokio::spawn(infer_stage(
         batch_rx,
         inferrer,
@@ -248,13 +251,14 @@ async fn run(
             .await
             .unwrap_or(false)
     };
-    commit(
+    commit_in_background(
         &consumer,
         &tracker,
         &metrics,
         &config.kafka.input_topic,
         Positions::All,
-    );
+    )
+    .await;
     let left = tracker.pending(&[]);
     if drained {
         tracing::info!("drained; offsets committed");
@@ -281,7 +285,7 @@ async fn run(
 const PAUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn source_loop(
-    consumer: &StreamConsumer<SourceContext>,
+    consumer: &Arc<StreamConsumer<SourceContext>>,
     config: &Config,
     tracker: &Arc<Tracker>,
     metrics: &Metrics,
@@ -311,7 +315,7 @@ async fn source_loop(
                 _ = shutdown.cancelled() => break,
                 _ = tracker.fatal().cancelled() => break,
                 _ = tick.tick() => {
-                    commit(consumer, tracker, metrics, topic, Positions::Changed);
+                    commit_in_background(consumer, tracker, metrics, topic, Positions::Changed).await;
                     continue;
                 }
                 _ = permits.acquire() => continue,
@@ -335,7 +339,7 @@ async fn source_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tracker.fatal().cancelled() => break,
-            _ = tick.tick() => commit(consumer, tracker, metrics, topic, Positions::Changed),
+            _ = tick.tick() => commit_in_background(consumer, tracker, metrics, topic, Positions::Changed).await,
             _ = permits.acquire(), if paused => {}
             msg = consumer.recv() => {
                 let msg = match msg {
@@ -468,7 +472,9 @@ async fn infer_stage(
     capturer: Option<Capturer>,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
-    let concurrency = config.endpoint.concurrency.max(1);
+    // One batch more than calls allowed: it builds its request while
+    // waiting for a call slot, so the endpoint never waits for that.
+    let batches = config.endpoint.concurrency.max(1) + 1;
     futures::stream::poll_fn(|cx| rx.poll_recv(cx))
         .map(|batch| {
             let inferrer = &inferrer;
@@ -485,9 +491,7 @@ async fn infer_stage(
                 (batch, results)
             }
         })
-        // One batch more than calls allowed: it builds its request while
-        // waiting for a call slot, so the endpoint never waits for that.
-        .buffer_unordered(concurrency + 1)
+        .buffer_unordered(batches)
         .for_each(|(batch, results)| {
             let out_tx = &out_tx;
             let config = &config;
