@@ -31,7 +31,7 @@ use crate::record::{
     image_id, now_rfc3339, DeadLetter, Decision, Latency, Prediction, SourceRef, PREDICTION_SCHEMA,
 };
 use crate::sink::{Alerter, KafkaSink};
-use crate::source::{commit_in_background, Positions, SourceContext};
+use crate::source::{commit, Positions, SourceContext};
 
 /// One image on its way.
 struct Job {
@@ -203,7 +203,6 @@ async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer = Arc::new(consumer);
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
     // Fetched images are the large part of what is in flight; only enough
@@ -251,14 +250,13 @@ async fn run(
             .await
             .unwrap_or(false)
     };
-    commit_in_background(
+    commit(
         &consumer,
         &tracker,
         &metrics,
         &config.kafka.input_topic,
         Positions::All,
-    )
-    .await;
+    );
     let left = tracker.pending(&[]);
     if drained {
         tracing::info!("drained; offsets committed");
@@ -285,7 +283,7 @@ async fn run(
 const PAUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn source_loop(
-    consumer: &Arc<StreamConsumer<SourceContext>>,
+    consumer: &StreamConsumer<SourceContext>,
     config: &Config,
     tracker: &Arc<Tracker>,
     metrics: &Metrics,
@@ -315,7 +313,7 @@ async fn source_loop(
                 _ = shutdown.cancelled() => break,
                 _ = tracker.fatal().cancelled() => break,
                 _ = tick.tick() => {
-                    commit_in_background(consumer, tracker, metrics, topic, Positions::Changed).await;
+                    commit(consumer, tracker, metrics, topic, Positions::Changed);
                     continue;
                 }
                 _ = permits.acquire() => continue,
@@ -339,7 +337,7 @@ async fn source_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tracker.fatal().cancelled() => break,
-            _ = tick.tick() => commit_in_background(consumer, tracker, metrics, topic, Positions::Changed).await,
+            _ = tick.tick() => commit(consumer, tracker, metrics, topic, Positions::Changed),
             _ = permits.acquire(), if paused => {}
             msg = consumer.recv() => {
                 let msg = match msg {

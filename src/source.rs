@@ -147,72 +147,33 @@ pub enum Positions {
     All,
 }
 
-/// Commits what the tracker says is complete, on a blocking-pool thread
-/// while this task waits: the runtime's worker thread goes on running the
-/// pipeline, and stays the same thread ([`tokio::task::block_in_place`]
-/// hands the worker to a new thread each time, which spread allocations
-/// over many threads' heaps and raised peak memory with large images,
-/// docs/BENCHMARKS.md).
+/// Commits what the tracker says is complete.
 ///
 /// Synchronously, so that the result is known here: rust-rdkafka does not
 /// call `commit_callback` for manual asynchronous commits
 /// (fede1024/rust-rdkafka#856), which would leave a failed commit unseen
 /// until the position moved again. One round trip per
 /// `kafka.commit_interval` is cheap.
-pub async fn commit_in_background<C>(
-    consumer: &Arc<C>,
+pub fn commit<C: Consumer<SourceContext>>(
+    consumer: &C,
     tracker: &Tracker,
     metrics: &Metrics,
     topic: &str,
     which: Positions,
-) where
-    C: Consumer<SourceContext> + Send + Sync + 'static,
-{
-    let Some((positions, tpl)) = to_commit(tracker, topic, which) else {
-        return;
-    };
-    let (c, list) = (consumer.clone(), tpl.clone());
-    let result = tokio::task::spawn_blocking(move || c.commit(&list, CommitMode::Sync))
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "offset commit task failed");
-            Err(rdkafka::error::KafkaError::Canceled)
-        });
-    committed(result, positions, &tpl, tracker, metrics, topic);
-}
-
-/// (partition, next offset) pairs.
-type Offsets = Vec<(i32, i64)>;
-
-fn to_commit(
-    tracker: &Tracker,
-    topic: &str,
-    which: Positions,
-) -> Option<(Offsets, TopicPartitionList)> {
+) {
     let positions = match which {
         Positions::All => tracker.positions(&[]),
         Positions::Changed => tracker.positions_to_commit(),
     };
     if positions.is_empty() {
-        return None;
+        return;
     }
     let mut tpl = TopicPartitionList::new();
     for (p, pos) in &positions {
         let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*pos));
     }
-    Some((positions, tpl))
-}
-
-fn committed(
-    result: KafkaResult<()>,
-    positions: Offsets,
-    tpl: &TopicPartitionList,
-    tracker: &Tracker,
-    metrics: &Metrics,
-    topic: &str,
-) {
-    match result {
-        Ok(()) => record_committed(metrics, topic, tpl),
+    match blocking(|| consumer.commit(&tpl, CommitMode::Sync)) {
+        Ok(()) => record_committed(metrics, topic, &tpl),
         Err(e) => {
             metrics.commit_failures.inc();
             tracing::warn!(error = %e, "offset commit failed; will retry");
