@@ -26,6 +26,7 @@ use bytes::Bytes;
 use image::ImageFormat;
 use inferstream::endpoint::model::noisy_image;
 use inferstream::endpoint::{EndpointOptions, Faults};
+use inferstream::events::s3_event_at;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::mocking::MockCluster;
@@ -33,7 +34,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use s3s::dto::{ETag, GetObjectInput, GetObjectOutput, StreamingBlob};
 use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 const BUCKET: &str = "uploads";
@@ -533,28 +534,6 @@ fn start_service(s: &Scenario, brokers: &str, s3: SocketAddr, endpoint: &str) ->
 
 // ---------------------------------------------------------------- Kafka
 
-fn event(key: &str, size: usize) -> Vec<u8> {
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    json!({"Records": [{
-        "eventVersion": "2.1",
-        "eventSource": "aws:s3",
-        "awsRegion": "us-east-1",
-        "eventTime": now,
-        "eventName": "ObjectCreated:Put",
-        "userIdentity": {"principalId": "AWS:AIDAEXAMPLE"},
-        "requestParameters": {"sourceIPAddress": "203.0.113.10"},
-        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810"},
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            "configurationId": "inferstream",
-            "bucket": {"name": BUCKET, "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": format!("arn:aws:s3:::{BUCKET}")},
-            "object": {"key": key, "size": size, "eTag": format!("{size:016x}"), "sequencer": "0055AED6DCD90281E5"}
-        }
-    }]})
-    .to_string()
-    .into_bytes()
-}
-
 fn producer(brokers: &str) -> Res<FutureProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -590,7 +569,13 @@ fn queue(
 ) -> Res<rdkafka::producer::DeliveryFuture> {
     let key = ImageStore::key(images, i);
     let size = store.get(&key).map_or(0, Bytes::len);
-    let payload = event(&key, size);
+    let payload = s3_event_at(
+        BUCKET,
+        &key,
+        size,
+        &format!("{size:016x}"),
+        SystemTime::now(),
+    );
     let record = FutureRecord::to(INPUT).key(&key).payload(&payload);
     p.send_result(record)
         .map_err(|(e, _)| format!("queueing an event: {e}").into())

@@ -110,6 +110,27 @@ pub fn event(shape: Shape, bucket: &str, key: &str, size: usize, etag: &str) -> 
     v.to_string().into_bytes()
 }
 
+/// An S3-shaped notification whose `eventTime` is `at` (the benchmark
+/// measures end-to-end latency from it).
+pub fn s3_event_at(
+    bucket: &str,
+    key: &str,
+    size: usize,
+    etag: &str,
+    at: std::time::SystemTime,
+) -> Vec<u8> {
+    let mut rec = s3_record(
+        bucket,
+        &s3_encode(key),
+        size,
+        etag,
+        "ObjectCreated:Put",
+        "2.1",
+    );
+    rec["eventTime"] = json!(humantime::format_rfc3339_millis(at).to_string());
+    json!({"Records": [rec]}).to_string().into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +155,27 @@ mod tests {
                 }
                 other => panic!("{shape:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn s3_event_at_carries_its_time() {
+        let filter = FilterConfig {
+            allowed_buckets: vec![],
+            key_prefixes: vec![],
+            key_suffixes: vec![],
+        };
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_123);
+        let out = decode(
+            Some(&s3_event_at("uploads", "a b.png", 7, "e", at)),
+            &filter,
+        );
+        match out.as_slice() {
+            [Outcome::Image(img)] => {
+                assert_eq!(img.key, "a b.png");
+                assert_eq!(img.event_time.as_deref(), Some("2026-11-18T11:06:40.123Z"));
+            }
+            other => panic!("{other:?}"),
         }
     }
 }
