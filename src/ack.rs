@@ -2,15 +2,23 @@
 //! of its message is durable.
 //!
 //! Each consumed message gets an [`Ack`]. Clones travel with every image and
-//! record the message produced; the sinks drop them only after Kafka (and SNS)
-//! acknowledged the outputs. When the last clone is dropped the offset is
-//! complete. Completion is out of order: per partition the committable
-//! position is the lowest offset still pending, or one past the highest seen.
-//! A failed output ([`Ack::fail`]) never completes: the position stays below
-//! it, and the pipeline is told to stop so that a restart re-delivers it.
+//! record the message produced, and every clone must be finished on purpose:
+//! [`Ack::done`] once its output is durable (Kafka, and SNS where it
+//! applies), [`Ack::fail`] when it cannot be made durable. The offset is
+//! complete when every clone is done. Completion is out of order: per
+//! partition the committable position is the lowest offset still pending,
+//! or one past the highest seen.
+//!
+//! An offset with a failed clone never completes: the position stays below
+//! it, and the pipeline is told to stop so that a restart re-delivers it. A
+//! clone dropped without an outcome (a task aborted at the shutdown
+//! deadline, a panic, a closed channel) pins its offset the same way: it
+//! never counts as done. Outside shutdown that is a defect, and it stops the
+//! pipeline too; after [`Tracker::close`] it is the expected end of work
+//! abandoned at the deadline.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,7 +30,9 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 struct PartitionState {
     epoch: u64,
-    pending: BTreeSet<i64>,
+    /// Offsets in flight, with how many times each (the same offset can
+    /// be delivered again after a rewind).
+    pending: BTreeMap<i64, u32>,
     /// One past the highest offset begun.
     next: Option<i64>,
     /// Last position handed out for commit.
@@ -33,14 +43,20 @@ impl PartitionState {
     fn new(epoch: u64) -> PartitionState {
         PartitionState {
             epoch,
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
             next: None,
             sent: None,
         }
     }
 
     fn position(&self) -> Option<i64> {
-        self.pending.first().copied().or(self.next)
+        // Normally the lowest pending offset is below `next`; after a rewind
+        // an offset still in flight from before may be above it.
+        match (self.pending.keys().next(), self.next) {
+            (Some(&p), Some(n)) => Some(p.min(n)),
+            (Some(&p), None) => Some(p),
+            (None, n) => n,
+        }
     }
 }
 
@@ -56,6 +72,9 @@ pub struct Tracker {
     changed: Condvar,
     fatal: CancellationToken,
     fatal_reason: Mutex<Option<String>>,
+    closing: AtomicBool,
+    /// When a stop (SIGTERM, a fatal failure) was asked for.
+    stop_requested: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -66,8 +85,66 @@ impl Tracker {
             changed: Condvar::new(),
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            stop_requested: Mutex::new(None),
             metrics,
         })
+    }
+
+    /// A stop was asked for: waits made on behalf of a rebalance end now
+    /// (the shutdown's own budget takes over).
+    pub fn request_stop(&self) {
+        let mut at = self
+            .stop_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        at.get_or_insert_with(Instant::now);
+        drop(at);
+        self.changed.notify_all();
+    }
+
+    /// When a stop was asked for, if it was.
+    pub fn stop_requested_at(&self) -> Option<Instant> {
+        *self
+            .stop_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The service is past its drain: work still in flight is abandoned.
+    /// From now on an unfinished [`Ack`] pins its offset without stopping
+    /// anything, and revocations commit without waiting.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Whether `partition` is assigned here.
+    pub fn is_assigned(&self, partition: i32) -> bool {
+        self.lock().partitions.contains_key(&partition)
+    }
+
+    /// Whether `partition` is still assigned here in the assignment `epoch`.
+    fn is_current(&self, partition: i32, epoch: u64) -> bool {
+        self.lock()
+            .partitions
+            .get(&partition)
+            .is_some_and(|p| p.epoch == epoch)
+    }
+
+    /// Stops the pipeline: something that must not happen did.
+    pub fn fail_pipeline(&self, why: String) {
+        let mut reason = self.fatal_reason.lock().unwrap_or_else(|p| p.into_inner());
+        if reason.is_none() {
+            *reason = Some(why);
+        }
+        drop(reason);
+        self.fatal.cancel();
+        self.changed.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -102,46 +179,64 @@ impl Tracker {
         st.partitions.remove(&partition).and_then(|p| p.position())
     }
 
-    /// Registers a consumed message carrying `images` images; `permit` is
-    /// released when the message completes. `None` when the partition is
-    /// not assigned here (a message fetched before a revocation and
-    /// delivered after it): it is left to the partition's new owner, and
-    /// nothing may be committed for it from here.
+    /// The current assignment of `partition` here, if it is assigned.
+    pub fn epoch(&self, partition: i32) -> Option<u64> {
+        self.lock().partitions.get(&partition).map(|p| p.epoch)
+    }
+
+    /// Registers a message consumed in assignment `epoch` carrying `images`
+    /// images; `permit` is released when the message completes. `None`
+    /// when the partition is no longer assigned here in that assignment (a
+    /// message fetched before a revocation and handed on after it): it is
+    /// left to the partition's new owner, and nothing may be committed for
+    /// it from here.
     pub fn begin(
         self: &Arc<Self>,
         partition: i32,
         offset: i64,
+        epoch: u64,
         images: usize,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Option<Ack> {
-        let epoch = {
+        {
             let mut st = self.lock();
             let p = st.partitions.get_mut(&partition)?;
-            p.pending.insert(offset);
-            p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
-            p.epoch
-        };
+            if p.epoch != epoch {
+                return None;
+            }
+            *p.pending.entry(offset).or_insert(0) += 1;
+            // Offsets grow within an assignment, unless the consumer was
+            // rewound (an offset reset, a truncated log): then the records
+            // from here on are the ones to account for, and the position
+            // must not jump past them to the highest offset seen before.
+            p.next = Some(offset + 1);
+        }
         self.metrics.in_flight.add(images as i64);
-        Some(Ack(Arc::new(AckInner {
-            tracker: self.clone(),
-            partition,
-            offset,
-            epoch,
-            images,
-            failed: AtomicBool::new(false),
-            started: Instant::now(),
-            _permit: permit,
-        })))
+        Some(Ack {
+            inner: Arc::new(AckInner {
+                tracker: self.clone(),
+                partition,
+                offset,
+                epoch,
+                images,
+                outcome: AtomicU8::new(PENDING),
+                started: Instant::now(),
+                _permit: permit,
+            }),
+            finished: false,
+        })
     }
 
-    fn complete(&self, partition: i32, offset: i64, epoch: u64, failed: bool) {
-        if failed {
-            return;
-        }
+    fn complete(&self, partition: i32, offset: i64, epoch: u64) {
         let mut st = self.lock();
         if let Some(p) = st.partitions.get_mut(&partition) {
             if p.epoch == epoch {
-                p.pending.remove(&offset);
+                if let Some(n) = p.pending.get_mut(&offset) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.pending.remove(&offset);
+                    }
+                }
             }
         }
         drop(st);
@@ -149,15 +244,29 @@ impl Tracker {
     }
 
     fn record_failure(&self, partition: i32, offset: i64, why: &str) {
-        let mut reason = self.fatal_reason.lock().unwrap_or_else(|p| p.into_inner());
-        if reason.is_none() {
-            *reason = Some(format!(
-                "an output of partition {partition} offset {offset} failed: {why}"
-            ));
+        self.fail_pipeline(format!(
+            "an output of partition {partition} offset {offset} failed: {why}"
+        ));
+    }
+
+    /// A clone of an [`Ack`] was dropped without an outcome.
+    fn dropped_unfinished(&self, partition: i32, offset: i64, epoch: u64) {
+        if self.is_closing() || self.fatal.is_cancelled() || !self.is_current(partition, epoch) {
+            tracing::debug!(
+                partition,
+                offset,
+                "in-flight work abandoned; its offset stays uncommitted"
+            );
+            return;
         }
-        drop(reason);
-        self.fatal.cancel();
-        self.changed.notify_all();
+        tracing::error!(
+            partition,
+            offset,
+            "an image was dropped before its output was durable; stopping so that a restart re-delivers it"
+        );
+        self.fail_pipeline(format!(
+            "partition {partition} offset {offset}: work was dropped before its output was durable"
+        ));
     }
 
     /// Positions (next offset to consume) that changed since last handed out.
@@ -203,13 +312,14 @@ impl Tracker {
         st.partitions
             .iter()
             .filter(|(p, _)| partitions.is_empty() || partitions.contains(p))
-            .map(|(_, s)| s.pending.len())
+            .map(|(_, s)| s.pending.values().map(|n| *n as usize).sum::<usize>())
             .sum()
     }
 
     /// Blocks until no offset of `partitions` (all if empty) is pending, a
-    /// failure was recorded, or `timeout` passes. True if drained.
-    pub fn wait_drained(&self, partitions: &[i32], timeout: Duration) -> bool {
+    /// failure was recorded, or `timeout` passes; with `until_stop`, also
+    /// when a stop is asked for. True if drained.
+    pub fn wait_drained(&self, partitions: &[i32], timeout: Duration, until_stop: bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
@@ -219,10 +329,14 @@ impl Tracker {
                 .filter(|(p, _)| partitions.is_empty() || partitions.contains(p))
                 .map(|(_, s)| s.pending.len())
                 .sum();
+            // (distinct offsets: zero means none)
             if pending == 0 {
                 return true;
             }
-            if self.fatal.is_cancelled() {
+            if self.fatal.is_cancelled()
+                || self.is_closing()
+                || (until_stop && self.stop_requested_at().is_some())
+            {
                 return false;
             }
             let now = Instant::now();
@@ -237,57 +351,104 @@ impl Tracker {
     }
 }
 
+/// Every clone finished with [`Ack::done`] so far.
+const PENDING: u8 = 0;
+/// A clone failed or was dropped unfinished: the offset never completes.
+const PINNED: u8 = 1;
+
 struct AckInner {
     tracker: Arc<Tracker>,
     partition: i32,
     offset: i64,
     epoch: u64,
     images: usize,
-    failed: AtomicBool,
+    outcome: AtomicU8,
     started: Instant,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Drop for AckInner {
-    fn drop(&mut self) {
-        let failed = self.failed.load(Ordering::SeqCst);
-        let m = &self.tracker.metrics;
-        m.in_flight.sub(self.images as i64);
-        if !failed {
-            m.end_to_end.observe(self.started.elapsed().as_secs_f64());
-        }
-        self.tracker
-            .complete(self.partition, self.offset, self.epoch, failed);
+impl AckInner {
+    fn pin(&self) -> bool {
+        self.outcome.swap(PINNED, Ordering::SeqCst) == PENDING
     }
 }
 
-/// Completion handle of one input message; clone it for every output.
-#[derive(Clone)]
-pub struct Ack(Arc<AckInner>);
+impl Drop for AckInner {
+    fn drop(&mut self) {
+        let m = &self.tracker.metrics;
+        m.in_flight.sub(self.images as i64);
+        if self.outcome.load(Ordering::SeqCst) == PINNED {
+            return;
+        }
+        m.end_to_end.observe(self.started.elapsed().as_secs_f64());
+        self.tracker
+            .complete(self.partition, self.offset, self.epoch);
+    }
+}
+
+/// Completion handle of one input message; clone it for every output and
+/// finish each clone with [`Ack::done`], [`Ack::fail`] or [`Ack::abandon`].
+pub struct Ack {
+    inner: Arc<AckInner>,
+    finished: bool,
+}
+
+impl Clone for Ack {
+    fn clone(&self) -> Ack {
+        Ack {
+            inner: self.inner.clone(),
+            finished: false,
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if !self.finished {
+            let i = &self.inner;
+            i.pin();
+            i.tracker.dropped_unfinished(i.partition, i.offset, i.epoch);
+        }
+    }
+}
 
 impl Ack {
+    /// This clone's output is durable (or it had none left to make).
+    pub fn done(mut self) {
+        self.finished = true;
+    }
+
     /// An output of this message could not be made durable: its offset will
     /// never be committed, and the pipeline stops.
-    pub fn fail(&self, why: &str) {
-        if !self.0.failed.swap(true, Ordering::SeqCst) {
-            self.0
+    pub fn fail(mut self, why: &str) {
+        self.finished = true;
+        if self.inner.pin() {
+            self.inner
                 .tracker
-                .record_failure(self.0.partition, self.0.offset, why);
+                .record_failure(self.inner.partition, self.inner.offset, why);
         }
     }
 
+    /// This clone's output will not be made, on purpose (shutdown, or its
+    /// partition was revoked): the offset stays uncommitted and is
+    /// re-delivered, and nothing stops.
+    pub fn abandon(mut self) {
+        self.finished = true;
+        self.inner.pin();
+    }
+
     pub fn partition(&self) -> i32 {
-        self.0.partition
+        self.inner.partition
     }
 
     pub fn offset(&self) -> i64 {
-        self.0.offset
+        self.inner.offset
     }
 }
 
 impl std::fmt::Debug for Ack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Ack({}@{})", self.0.partition, self.0.offset)
+        write!(f, "Ack({}@{})", self.inner.partition, self.inner.offset)
     }
 }
 
@@ -303,18 +464,18 @@ mod tests {
     fn position_is_lowest_pending_under_out_of_order_completion() {
         let t = tracker();
         t.assign(0);
-        let a = t.begin(0, 10, 1, None).unwrap();
-        let b = t.begin(0, 11, 1, None).unwrap();
-        let c = t.begin(0, 12, 1, None).unwrap();
+        let a = t.begin(0, 10, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        let b = t.begin(0, 11, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        let c = t.begin(0, 12, t.epoch(0).unwrap_or(0), 1, None).unwrap();
         assert_eq!(t.positions(&[0]), vec![(0, 10)]);
-        drop(c);
+        c.done();
         assert_eq!(t.positions(&[0]), vec![(0, 10)]);
-        drop(a);
+        a.done();
         assert_eq!(t.positions(&[0]), vec![(0, 11)]);
         let b2 = b.clone();
-        drop(b);
+        b.done();
         assert_eq!(t.positions(&[0]), vec![(0, 11)], "a clone still holds it");
-        drop(b2);
+        b2.done();
         assert_eq!(t.positions(&[0]), vec![(0, 13)]);
         assert_eq!(t.pending(&[]), 0);
     }
@@ -323,11 +484,12 @@ mod tests {
     fn failed_offset_is_never_passed_and_stops_the_pipeline() {
         let t = tracker();
         t.assign(3);
-        let a = t.begin(3, 5, 1, None).unwrap();
-        let b = t.begin(3, 6, 1, None).unwrap();
+        let a = t.begin(3, 5, t.epoch(3).unwrap_or(0), 1, None).unwrap();
+        let a2 = a.clone();
+        let b = t.begin(3, 6, t.epoch(3).unwrap_or(0), 1, None).unwrap();
         a.fail("broker said no");
-        drop(a);
-        drop(b);
+        a2.done();
+        b.done();
         assert_eq!(t.positions(&[3]), vec![(3, 5)]);
         assert!(t.fatal().is_cancelled());
         assert!(t.fatal_reason().unwrap().contains("offset 5"));
@@ -337,10 +499,10 @@ mod tests {
     fn positions_to_commit_reports_changes_once() {
         let t = tracker();
         t.assign(1);
-        let a = t.begin(1, 0, 1, None).unwrap();
+        let a = t.begin(1, 0, t.epoch(1).unwrap_or(0), 1, None).unwrap();
         assert_eq!(t.positions_to_commit(), vec![(1, 0)]);
         assert_eq!(t.positions_to_commit(), vec![]);
-        drop(a);
+        a.done();
         assert_eq!(t.positions_to_commit(), vec![(1, 1)]);
         t.resend(1);
         assert_eq!(t.positions_to_commit(), vec![(1, 1)]);
@@ -349,11 +511,14 @@ mod tests {
     #[test]
     fn messages_of_partitions_not_assigned_here_are_refused() {
         let t = tracker();
-        assert!(t.begin(2, 0, 1, None).is_none());
+        assert!(t.begin(2, 0, t.epoch(2).unwrap_or(0), 1, None).is_none());
         t.assign(2);
-        assert!(t.begin(2, 0, 1, None).is_some());
+        assert!(t.begin(2, 0, t.epoch(2).unwrap_or(0), 1, None).is_some());
         t.revoke(2);
-        assert!(t.begin(2, 1, 1, None).is_none(), "after revocation");
+        assert!(
+            t.begin(2, 1, t.epoch(2).unwrap_or(0), 1, None).is_none(),
+            "after revocation"
+        );
         assert!(t.positions_to_commit().is_empty());
     }
 
@@ -361,13 +526,13 @@ mod tests {
     fn completions_from_an_earlier_assignment_are_ignored() {
         let t = tracker();
         t.assign(0);
-        let old = t.begin(0, 7, 1, None).unwrap();
+        let old = t.begin(0, 7, t.epoch(0).unwrap_or(0), 1, None).unwrap();
         assert_eq!(t.revoke(0), Some(7));
         t.assign(0);
-        let new = t.begin(0, 7, 1, None).unwrap();
-        drop(old);
+        let new = t.begin(0, 7, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        old.done();
         assert_eq!(t.positions(&[0]), vec![(0, 7)]);
-        drop(new);
+        new.done();
         assert_eq!(t.positions(&[0]), vec![(0, 8)]);
     }
 
@@ -375,10 +540,122 @@ mod tests {
     fn wait_drained_returns_when_the_last_ack_drops() {
         let t = tracker();
         t.assign(0);
-        let a = t.begin(0, 1, 1, None).unwrap();
-        assert!(!t.wait_drained(&[0], Duration::from_millis(10)));
-        let h = std::thread::spawn(move || drop(a));
-        assert!(t.wait_drained(&[0], Duration::from_secs(10)));
+        let a = t.begin(0, 1, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        assert!(!t.wait_drained(&[0], Duration::from_millis(10), true));
+        let h = std::thread::spawn(move || a.done());
+        assert!(t.wait_drained(&[0], Duration::from_secs(10), true));
         h.join().unwrap();
+    }
+
+    #[test]
+    fn an_ack_dropped_unfinished_pins_its_offset_and_stops_the_pipeline() {
+        let t = tracker();
+        t.assign(0);
+        let a = t.begin(0, 3, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        let a2 = a.clone();
+        let b = t.begin(0, 4, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        a.done();
+        drop(a2);
+        b.done();
+        assert_eq!(t.positions(&[0]), vec![(0, 3)], "3 is never passed");
+        assert!(t.fatal().is_cancelled());
+        assert!(t.fatal_reason().unwrap().contains("offset 3"));
+    }
+
+    #[test]
+    fn after_close_unfinished_acks_pin_without_stopping_anything() {
+        let t = tracker();
+        t.assign(0);
+        let a = t.begin(0, 3, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        let b = t.begin(0, 4, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        b.done();
+        t.close();
+        drop(a);
+        assert_eq!(t.positions(&[0]), vec![(0, 3)]);
+        assert!(!t.fatal().is_cancelled());
+        assert_eq!(
+            t.revoke(0),
+            Some(3),
+            "what the close-time revocation commits"
+        );
+    }
+
+    #[test]
+    fn a_stop_ends_a_rebalance_wait_but_not_the_shutdown_drain() {
+        let t = tracker();
+        t.assign(0);
+        let a = t.begin(0, 1, t.epoch(0).unwrap(), 1, None).unwrap();
+        t.request_stop();
+        let started = Instant::now();
+        assert!(!t.wait_drained(&[0], Duration::from_secs(30), true));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let h = std::thread::spawn(move || a.done());
+        assert!(t.wait_drained(&[0], Duration::from_secs(30), false));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_rewound_partition_is_not_committed_past_its_new_records() {
+        let t = tracker();
+        t.assign(0);
+        let e = t.epoch(0).unwrap();
+        for o in 100..120 {
+            t.begin(0, o, e, 1, None).unwrap().done();
+        }
+        assert_eq!(t.positions(&[0]), vec![(0, 120)]);
+        // The consumer is rewound to 110 (offset reset, truncated log).
+        let again = t.begin(0, 110, e, 1, None).unwrap();
+        assert_eq!(t.positions(&[0]), vec![(0, 110)]);
+        again.done();
+        assert_eq!(
+            t.positions(&[0]),
+            vec![(0, 111)],
+            "111..120 are to be read again"
+        );
+        // An offset above the rewind point still in flight (delivered
+        // before a second rewind) does not let the position jump past the
+        // records after the rewind point.
+        let old = t.begin(0, 119, e, 1, None).unwrap();
+        t.begin(0, 111, e, 1, None).unwrap().done();
+        assert_eq!(t.positions(&[0]), vec![(0, 112)]);
+        old.done();
+        // The same offset twice in flight: both must finish.
+        let a = t.begin(0, 111, e, 1, None).unwrap();
+        let b = t.begin(0, 111, e, 1, None).unwrap();
+        a.done();
+        assert_eq!(t.positions(&[0]), vec![(0, 111)]);
+        b.done();
+        assert_eq!(t.positions(&[0]), vec![(0, 112)]);
+    }
+
+    #[test]
+    fn only_completed_work_is_timed_end_to_end() {
+        let t = tracker();
+        t.assign(0);
+        let e = t.epoch(0).unwrap();
+        t.begin(0, 1, e, 1, None).unwrap().done();
+        t.begin(0, 2, e, 1, None).unwrap().abandon();
+        t.begin(0, 3, e, 1, None).unwrap().fail("no");
+        assert_eq!(t.metrics.end_to_end.get_sample_count(), 1);
+        assert_eq!(t.metrics.in_flight.get(), 0);
+    }
+
+    #[test]
+    fn abandoned_and_revoked_acks_pin_without_stopping_anything() {
+        let t = tracker();
+        t.assign(0);
+        let a = t.begin(0, 3, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        let b = t.begin(0, 4, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        a.abandon();
+        b.done();
+        assert_eq!(t.positions(&[0]), vec![(0, 3)]);
+        assert!(!t.fatal().is_cancelled());
+        let c = t.begin(0, 5, t.epoch(0).unwrap_or(0), 1, None).unwrap();
+        t.revoke(0);
+        drop(c);
+        assert!(
+            !t.fatal().is_cancelled(),
+            "a revoked partition's work may be dropped"
+        );
     }
 }

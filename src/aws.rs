@@ -65,11 +65,15 @@ pub enum ErrorClass {
     Network,
     /// The request itself was refused (4xx): retrying cannot help.
     Rejected,
+    /// Every request would be refused: credentials denied, expired or
+    /// unknown, or the target does not exist. Not the input's fault.
+    Systemic,
 }
 
 impl ErrorClass {
+    /// Whether the same call may succeed if tried again soon.
     pub fn retryable(self) -> bool {
-        !matches!(self, ErrorClass::Rejected)
+        !matches!(self, ErrorClass::Rejected | ErrorClass::Systemic)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -79,9 +83,28 @@ impl ErrorClass {
             ErrorClass::Timeout => "timeout",
             ErrorClass::Network => "network",
             ErrorClass::Rejected => "rejected",
+            ErrorClass::Systemic => "systemic",
         }
     }
 }
+
+/// Codes AWS services answer when the caller, not the request, is refused.
+const SYSTEMIC_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidSignatureException",
+    "MissingAuthenticationToken",
+    "IncompleteSignature",
+    "RequestExpired",
+    "NotAuthorized",
+    "AuthFailure",
+];
 
 const THROTTLING_CODES: &[&str] = &[
     "Throttling",
@@ -114,6 +137,9 @@ const UNAVAILABLE_CODES: &[&str] = &[
 /// Classifies by error code first (AWS puts throttling on HTTP 400), then by status.
 pub fn classify_code(code: Option<&str>, status: Option<u16>) -> ErrorClass {
     if let Some(code) = code {
+        if SYSTEMIC_CODES.contains(&code) {
+            return ErrorClass::Systemic;
+        }
         if THROTTLING_CODES.contains(&code) {
             return ErrorClass::Throttled;
         }
@@ -136,7 +162,9 @@ pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Err
         SdkError::TimeoutError(_) => ErrorClass::Timeout,
         SdkError::DispatchFailure(d) if d.is_timeout() => ErrorClass::Timeout,
         SdkError::DispatchFailure(_) => ErrorClass::Network,
-        SdkError::ConstructionFailure(_) => ErrorClass::Rejected,
+        // No request could be made (no credentials, a bad region or
+        // endpoint URL): true of every request.
+        SdkError::ConstructionFailure(_) => ErrorClass::Systemic,
         SdkError::ResponseError(_) => {
             let status = err.raw_response().map(|r| r.status().as_u16());
             match status {
@@ -222,6 +250,18 @@ mod tests {
             ErrorClass::Rejected
         );
         assert_eq!(classify_code(None, Some(502)), ErrorClass::Unavailable);
+        for code in [
+            "AccessDeniedException",
+            "ExpiredTokenException",
+            "UnrecognizedClientException",
+        ] {
+            assert_eq!(
+                classify_code(Some(code), Some(400)),
+                ErrorClass::Systemic,
+                "{code}"
+            );
+            assert!(!ErrorClass::Systemic.retryable());
+        }
         assert_eq!(classify_code(None, None), ErrorClass::Network);
     }
 

@@ -7,6 +7,9 @@
 //! its failure opens it again for twice as long, up to a maximum. Images
 //! waiting on an open breaker keep their place in flight, so the in-flight
 //! bound fills up and consumption pauses until the endpoint is back.
+//!
+//! A systemic failure (credentials refused, the endpoint unknown) opens it
+//! at once ([`Breaker::trip`]): one such answer says every call would fail.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,6 +114,40 @@ impl Breaker {
         }
     }
 
+    /// A failure that every call would meet (`cause` says which): open now,
+    /// whatever the count. Logged once per opening, with the cause.
+    pub fn trip(&self, admission: Admission, cause: &str) {
+        let opened = {
+            let mut st = self.lock();
+            match *st {
+                State::Closed { .. } => {
+                    *st = State::Open {
+                        until: Instant::now() + self.open_initial,
+                        period: self.open_initial,
+                    };
+                    true
+                }
+                State::HalfOpen { period } if admission == Admission::Probe => {
+                    let period = (period * 2).min(self.open_max);
+                    *st = State::Open {
+                        until: Instant::now() + period,
+                        period,
+                    };
+                    false
+                }
+                State::Open { .. } | State::HalfOpen { .. } => false,
+            }
+        };
+        if opened {
+            tracing::warn!(
+                cause,
+                "the endpoint refuses every call ({cause}); images wait with the circuit open until it is fixed (check IAM permissions, credentials, endpoint.name)"
+            );
+            (self.on_change)(true);
+        }
+        self.changed.notify_waiters();
+    }
+
     /// A retryable failure. True when the breaker is (now) not closed, so
     /// the caller should wait for it rather than count the attempt.
     pub fn failure(&self, admission: Admission) -> bool {
@@ -201,6 +238,19 @@ mod tests {
         b.success();
         assert!(!open.load(Ordering::Relaxed));
         assert_eq!(b.admit().await, Admission::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_systemic_failure_opens_at_once() {
+        let (b, open) = breaker();
+        b.trip(Admission::Normal, "AccessDeniedException");
+        assert!(open.load(Ordering::Relaxed));
+        let a = b.admit().await;
+        assert_eq!(a, Admission::Probe);
+        b.trip(a, "AccessDeniedException");
+        assert!(!b.is_closed(), "a failed probe keeps it open");
+        b.success();
+        assert!(!open.load(Ordering::Relaxed));
     }
 
     #[tokio::test(start_paused = true)]

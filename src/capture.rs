@@ -4,15 +4,18 @@
 //! Lines are buffered and an object is written when the buffer reaches
 //! `capture.max_object_bytes`, when its oldest line is `capture.flush_interval`
 //! old, when the hour changes, and when the service stops. Capture is best
-//! effort by design: it never holds back offset commits, and a write that
-//! fails every attempt is counted and logged, not retried forever.
+//! effort by design: it never holds back offset commits or the pipeline. A
+//! write that fails every attempt (each bounded by `capture.timeout`) is
+//! counted and logged, not retried forever; lines offered while twice
+//! `capture.max_object_bytes` already wait for the writer are dropped and
+//! counted, so a slow or hung S3 never fills memory or stalls inference.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::CaptureConfig;
@@ -69,9 +72,27 @@ impl CaptureLine {
 /// The sending half; cheap to clone.
 #[derive(Clone)]
 pub struct Capturer {
-    tx: mpsc::Sender<CaptureLine>,
+    tx: mpsc::Sender<(CaptureLine, OwnedSemaphorePermit)>,
+    /// Bytes of lines waiting for the writer, at most.
+    budget: Arc<Semaphore>,
     sampling: f64,
     capture_input: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl CaptureLine {
+    /// About how many bytes the line takes, written out.
+    fn estimated_bytes(&self) -> usize {
+        let p = &self.prediction;
+        // Strings from the event may be escaped up to six-fold in JSON.
+        let from_event = p.id.len()
+            + p.bucket.len()
+            + p.key.len()
+            + p.etag.as_ref().map_or(0, String::len)
+            + p.version_id.as_ref().map_or(0, String::len)
+            + p.event_time.as_ref().map_or(0, String::len);
+        self.endpoint_input.as_ref().map_or(0, |d| d.data.len()) + 6 * from_event + 2048
+    }
 }
 
 impl Capturer {
@@ -84,6 +105,7 @@ impl Capturer {
     ) -> Option<(Capturer, tokio::task::JoinHandle<()>)> {
         let (bucket, prefix) = cfg.bucket_and_prefix()?;
         let (tx, rx) = mpsc::channel(1024);
+        let budget = (cfg.max_object_bytes.saturating_mul(2)).clamp(1 << 20, u32::MAX as usize);
         let writer = Writer {
             client,
             bucket,
@@ -93,14 +115,17 @@ impl Capturer {
             max_bytes: cfg.max_object_bytes,
             interval: cfg.flush_interval,
             max_attempts: cfg.max_attempts.max(1),
-            metrics,
+            timeout: cfg.timeout,
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(writer.run(rx));
         Some((
             Capturer {
                 tx,
+                budget: Arc::new(Semaphore::new(budget)),
                 sampling: cfg.sampling_percentage / 100.0,
                 capture_input: cfg.capture_input,
+                metrics,
             },
             task,
         ))
@@ -115,9 +140,17 @@ impl Capturer {
         self.capture_input
     }
 
-    pub async fn send(&self, line: CaptureLine) {
-        // The writer only stops after every sender is gone.
-        let _ = self.tx.send(line).await;
+    /// Hands a line to the writer without waiting; a line that finds the
+    /// writer's backlog full is dropped and counted.
+    pub fn offer(&self, line: CaptureLine) {
+        let bytes = u32::try_from(line.estimated_bytes()).unwrap_or(u32::MAX);
+        let sent = match self.budget.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => self.tx.try_send((line, permit)).is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
+            self.metrics.capture_dropped.inc();
+        }
     }
 }
 
@@ -130,6 +163,7 @@ struct Writer {
     max_bytes: usize,
     interval: Duration,
     max_attempts: u32,
+    timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -161,7 +195,7 @@ struct Buffer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<CaptureLine>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<(CaptureLine, OwnedSemaphorePermit)>) {
         let mut buf: Option<Buffer> = None;
         loop {
             let deadline = buf.as_ref().map(|b| b.since + self.interval);
@@ -174,7 +208,7 @@ impl Writer {
                     continue;
                 }
             };
-            let Some(line) = line else {
+            let Some((line, _permit)) = line else {
                 break;
             };
             let hour = hour_path(&line.captured_at);
@@ -230,23 +264,28 @@ impl Writer {
                 ))
                 .await;
             }
-            let result = self
+            let put = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&key)
                 .content_type("application/jsonl")
                 .body(body.clone().into())
-                .send()
-                .await;
-            match result {
-                Ok(_) => {
+                .send();
+            match tokio::time::timeout(self.timeout, put).await {
+                Err(_) => {
+                    last = format!(
+                        "no answer within capture.timeout ({})",
+                        humantime::format_duration(self.timeout)
+                    )
+                }
+                Ok(Ok(_)) => {
                     self.metrics.capture_objects.inc();
                     self.metrics.capture_lines.inc_by(b.lines as u64);
                     tracing::debug!(bucket = %self.bucket, %key, lines = b.lines, "capture written");
                     return;
                 }
-                Err(e) => last = crate::aws::describe(&e),
+                Ok(Err(e)) => last = crate::aws::describe(&e),
             }
         }
         self.metrics.capture_failed.inc_by(b.lines as u64);

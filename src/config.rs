@@ -68,6 +68,14 @@ pub struct KafkaConfig {
     /// How long a revocation waits for in-flight work of revoked partitions.
     #[serde(with = "humantime_serde")]
     pub revoke_drain_timeout: Duration,
+    /// How long an offset commit may take before it is given up (and
+    /// retried with the next commit).
+    #[serde(with = "humantime_serde")]
+    pub commit_timeout: Duration,
+    /// Static group membership (`group.instance.id`), e.g. the pod name;
+    /// empty for dynamic membership.
+    #[serde(default)]
+    pub instance_id: String,
     /// Extra librdkafka properties for the consumer and the producer.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -231,6 +239,9 @@ pub struct AlertsConfig {
     pub topic_arn: String,
     /// Publish attempts before `alert_failed`.
     pub max_attempts: u32,
+    /// Deadline of one Publish call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +262,9 @@ pub struct CaptureConfig {
     pub flush_interval: Duration,
     /// Attempts per object write.
     pub max_attempts: u32,
+    /// Deadline of one PutObject call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl CaptureConfig {
@@ -273,11 +287,15 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Images in flight at most.
+    /// Images (and dead letters) in flight at most.
     pub max_in_flight: usize,
-    /// Drain deadline on SIGTERM/SIGINT.
+    /// The whole shutdown on SIGTERM/SIGINT: drain, commit, flush, leave.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Records one input message may announce; more is `too_many_records`.
+    pub max_records_per_message: usize,
+    /// Bytes of the original message a dead letter carries at most.
+    pub dead_letter_payload_bytes: usize,
     /// Threads running the pipeline's tasks; 0 means one per CPU.
     pub worker_threads: usize,
 }
@@ -400,6 +418,15 @@ impl Config {
                 err(key, "is empty".into());
             }
         }
+        if k.input_topic.starts_with('^') {
+            err(
+                "kafka.input_topic",
+                format!(
+                    "`{}` is a pattern; inferstream reads one named topic",
+                    k.input_topic
+                ),
+            );
+        }
         for (key, topic) in &topics[1..] {
             if *topic == &k.input_topic {
                 err(
@@ -410,6 +437,15 @@ impl Config {
         }
         if k.commit_interval.is_zero() {
             err("kafka.commit_interval", "must be above zero".into());
+        }
+        if k.commit_timeout.is_zero() {
+            err("kafka.commit_timeout", "must be above zero".into());
+        }
+        if k.instance_id.chars().any(char::is_whitespace) {
+            err(
+                "kafka.instance_id",
+                format!("`{}` contains whitespace", k.instance_id),
+            );
         }
         if k.heartbeat_interval >= k.session_timeout {
             err(
@@ -430,13 +466,31 @@ impl Config {
             .iter()
             .flat_map(|(t, m)| m.keys().map(move |k| (*t, k)))
         {
-            if MANAGED_KAFKA_PROPERTIES.contains(&key.as_str()) {
+            if let Some((_, why)) = MANAGED_KAFKA_PROPERTIES
+                .iter()
+                .find(|(name, _)| *name == key.as_str())
+            {
                 err(
                     &format!("{table}.\"{key}\""),
-                    "is managed by inferstream (offsets are stored only after outputs are durable); remove it".into(),
+                    format!("is managed by inferstream ({why}); remove it"),
                 );
             }
         }
+        let message_max = k
+            .producer_properties
+            .get("message.max.bytes")
+            .or_else(|| k.properties.get("message.max.bytes"));
+        let message_max = match message_max.map(|v| v.trim().parse::<usize>()) {
+            None => Some(LIBRDKAFKA_MESSAGE_MAX_BYTES),
+            Some(Ok(n)) => Some(n),
+            Some(Err(_)) => {
+                err(
+                    "kafka.producer_properties.\"message.max.bytes\"",
+                    "is not a number of bytes".into(),
+                );
+                None
+            }
+        };
 
         for (key, url) in [
             ("aws.s3.endpoint_url", &self.aws.s3.endpoint_url),
@@ -501,6 +555,9 @@ impl Config {
             if c.max_attempts == 0 {
                 err("capture.max_attempts", "must be at least 1".into());
             }
+            if c.timeout.is_zero() {
+                err("capture.timeout", "must be above zero".into());
+            }
         }
 
         let e = &self.endpoint;
@@ -516,12 +573,33 @@ impl Config {
                 "must not be below endpoint.circuit_open_initial".into(),
             );
         }
+        if e.circuit_failures > e.max_attempts {
+            err(
+                "endpoint.circuit_failures",
+                format!(
+                    "({}) must not exceed endpoint.max_attempts ({}): an outage would dead-letter images before the circuit opens",
+                    e.circuit_failures, e.max_attempts
+                ),
+            );
+        }
 
         if self.batch.max_images == 0 {
             err("batch.max_images", "must be at least 1".into());
         }
         if self.batch.max_bytes == 0 {
             err("batch.max_bytes", "must be above zero".into());
+        }
+        if self.endpoint.mode == RequestMode::Batch
+            && batch_request_bytes(self.fetch.max_object_bytes) > SAGEMAKER_MAX_BODY
+        {
+            err(
+                "fetch.max_object_bytes",
+                format!(
+                    "{} is too large for batch mode: an image that size alone makes a request over the 6 MiB SageMaker limit once base64-encoded; use at most {}",
+                    self.fetch.max_object_bytes,
+                    max_batch_image_bytes()
+                ),
+            );
         }
         if self.endpoint.mode == RequestMode::Batch
             && self.batch.max_bytes * 4 / 3 > SAGEMAKER_MAX_BODY
@@ -611,9 +689,51 @@ impl Config {
         if self.alerts.max_attempts == 0 {
             err("alerts.max_attempts", "must be at least 1".into());
         }
+        if self.alerts.timeout.is_zero() {
+            err("alerts.timeout", "must be above zero".into());
+        }
 
-        if self.pipeline.max_in_flight == 0 {
+        let p = &self.pipeline;
+        if p.max_in_flight == 0 {
             err("pipeline.max_in_flight", "must be at least 1".into());
+        }
+        if p.max_records_per_message == 0 {
+            err(
+                "pipeline.max_records_per_message",
+                "must be at least 1".into(),
+            );
+        } else if p.max_records_per_message > p.max_in_flight {
+            err(
+                "pipeline.max_records_per_message",
+                format!(
+                    "({}) must not exceed pipeline.max_in_flight ({}): every record of a message is in flight at once",
+                    p.max_records_per_message, p.max_in_flight
+                ),
+            );
+        }
+        if p.dead_letter_payload_bytes < 256 {
+            err(
+                "pipeline.dead_letter_payload_bytes",
+                format!("{} is below 256 bytes", p.dead_letter_payload_bytes),
+            );
+        } else if let Some(max) = message_max {
+            let worst = crate::record::max_dead_letter_bytes(p.dead_letter_payload_bytes);
+            if worst > max {
+                err(
+                    "pipeline.dead_letter_payload_bytes",
+                    format!(
+                        "({}) makes dead letters of up to {worst} bytes (JSON escapes a control character in 6), above the producer's message.max.bytes ({max}); use at most {}",
+                        p.dead_letter_payload_bytes,
+                        crate::record::max_dead_letter_payload(max)
+                    ),
+                );
+            }
+        }
+        if p.shutdown_timeout < Duration::from_secs(1) {
+            err(
+                "pipeline.shutdown_timeout",
+                "must be at least 1s (drain, commit, flush and leave the group)".into(),
+            );
         }
         if self.pipeline.worker_threads > 512 {
             err(
@@ -694,13 +814,62 @@ impl fmt::Display for Config {
 
 const REDACTED: &str = "<redacted>";
 
-/// librdkafka properties inferstream sets itself for its delivery guarantee.
-pub const MANAGED_KAFKA_PROPERTIES: &[&str] = &[
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "group.id",
-    "bootstrap.servers",
-    "enable.partition.eof",
+/// librdkafka's default `message.max.bytes`.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The size of a batch request holding one image of `image` bytes.
+pub fn batch_request_bytes(image: u64) -> u64 {
+    image.div_ceil(3) * 4 + 64
+}
+
+/// The largest image that fits alone in a batch request.
+pub fn max_batch_image_bytes() -> u64 {
+    (SAGEMAKER_MAX_BODY - 64) / 4 * 3
+}
+
+/// librdkafka properties inferstream sets itself, with what rests on them;
+/// they are refused in the passthrough tables.
+pub const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "offsets are committed only after outputs are durable",
+    ),
+    (
+        "auto.commit.enable",
+        "offsets are committed only after outputs are durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed only after outputs are durable",
+    ),
+    ("group.id", "set kafka.group_id"),
+    ("group.instance.id", "set kafka.instance_id"),
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("metadata.broker.list", "set kafka.brokers"),
+    (
+        "enable.partition.eof",
+        "the source reads end-of-partition as no event",
+    ),
+    (
+        "acks",
+        "outputs count as durable only when every in-sync replica has them",
+    ),
+    (
+        "request.required.acks",
+        "outputs count as durable only when every in-sync replica has them",
+    ),
+    (
+        "enable.idempotence",
+        "retried produce requests must not duplicate or reorder outputs",
+    ),
+    (
+        "message.timeout.ms",
+        "a delivery that times out stops the service; it must not be shortened",
+    ),
+    (
+        "delivery.timeout.ms",
+        "a delivery that times out stops the service; it must not be shortened",
+    ),
 ];
 
 /// Whether a librdkafka property holds a secret.

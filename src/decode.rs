@@ -11,8 +11,16 @@ use crate::config::FilterConfig;
 
 /// Largest message decoded; bigger ones are dead-lettered as malformed.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
-/// Most records decoded from one message.
+/// Most records decoded from one message by [`decode`]; the pipeline uses
+/// `pipeline.max_records_per_message` ([`decode_limited`]).
 const MAX_RECORDS: usize = 10_000;
+/// Longest object key S3 allows, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest bucket name accepted (S3 allows 63; other stores a little more).
+pub const MAX_BUCKET_BYTES: usize = 255;
+/// Longest ETag, version id or event time accepted, in bytes (they end up
+/// in every output record).
+const MAX_FIELD_BYTES: usize = 1024;
 
 /// An S3 object announced by an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,10 +100,12 @@ pub enum DeadLetterReason {
     BadEndpointResponse,
     /// The SNS alert for a review prediction could not be published.
     AlertFailed,
+    /// The message announces more records than `pipeline.max_records_per_message`.
+    TooManyRecords,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 11] = [
+    pub const ALL: [DeadLetterReason; 12] = [
         DeadLetterReason::MalformedEvent,
         DeadLetterReason::UnsupportedEvent,
         DeadLetterReason::BucketNotAllowed,
@@ -107,6 +117,7 @@ impl DeadLetterReason {
         DeadLetterReason::EndpointUnavailable,
         DeadLetterReason::BadEndpointResponse,
         DeadLetterReason::AlertFailed,
+        DeadLetterReason::TooManyRecords,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +133,7 @@ impl DeadLetterReason {
             DeadLetterReason::EndpointUnavailable => "endpoint_unavailable",
             DeadLetterReason::BadEndpointResponse => "bad_endpoint_response",
             DeadLetterReason::AlertFailed => "alert_failed",
+            DeadLetterReason::TooManyRecords => "too_many_records",
         }
     }
 }
@@ -136,7 +148,17 @@ pub enum Outcome {
 
 /// Decodes a message into one outcome per record it carries (at least one).
 pub fn decode(payload: Option<&[u8]>, filter: &FilterConfig) -> Vec<Outcome> {
-    let mut out = decode_unfiltered(payload);
+    decode_limited(payload, filter, MAX_RECORDS)
+}
+
+/// As [`decode`]; a message with more than `max_records` records is one
+/// `too_many_records` rejection.
+pub fn decode_limited(
+    payload: Option<&[u8]>,
+    filter: &FilterConfig,
+    max_records: usize,
+) -> Vec<Outcome> {
+    let mut out = decode_unfiltered(payload, max_records.clamp(1, MAX_RECORDS));
     for o in out.iter_mut() {
         if let Outcome::Image(img) = o {
             if let Some(verdict) = apply_filter(img, filter) {
@@ -160,7 +182,7 @@ fn malformed(detail: impl Into<String>) -> Vec<Outcome> {
     vec![reject(DeadLetterReason::MalformedEvent, detail)]
 }
 
-fn decode_unfiltered(payload: Option<&[u8]>) -> Vec<Outcome> {
+fn decode_unfiltered(payload: Option<&[u8]>, max_records: usize) -> Vec<Outcome> {
     let Some(payload) = payload else {
         return malformed("message has no value (tombstone)");
     };
@@ -174,10 +196,10 @@ fn decode_unfiltered(payload: Option<&[u8]>) -> Vec<Outcome> {
         Ok(v) => v,
         Err(e) => return malformed(format!("not JSON: {e}")),
     };
-    decode_value(&value, 0)
+    decode_value(&value, 0, max_records)
 }
 
-fn decode_value(value: &Value, depth: u8) -> Vec<Outcome> {
+fn decode_value(value: &Value, depth: u8, max_records: usize) -> Vec<Outcome> {
     let Some(obj) = value.as_object() else {
         return malformed("event is not a JSON object");
     };
@@ -193,7 +215,7 @@ fn decode_value(value: &Value, depth: u8) -> Vec<Outcome> {
             return malformed("SNS envelope `Message` is not a string");
         };
         return match serde_json::from_str::<Value>(inner) {
-            Ok(v) => decode_value(&v, depth + 1),
+            Ok(v) => decode_value(&v, depth + 1, max_records),
             Err(e) => malformed(format!("SNS envelope `Message` is not JSON: {e}")),
         };
     }
@@ -217,8 +239,14 @@ fn decode_value(value: &Value, depth: u8) -> Vec<Outcome> {
         if records.is_empty() {
             return malformed("`Records` is empty");
         }
-        if records.len() > MAX_RECORDS {
-            return malformed(format!("{} records; at most {MAX_RECORDS}", records.len()));
+        if records.len() > max_records {
+            return vec![reject(
+                DeadLetterReason::TooManyRecords,
+                format!(
+                    "{} records in one message; at most {max_records} (pipeline.max_records_per_message)",
+                    records.len()
+                ),
+            )];
         }
         return records.iter().map(decode_s3_record).collect();
     }
@@ -330,6 +358,31 @@ fn decode_eventbridge(obj: &serde_json::Map<String, Value>) -> Outcome {
 }
 
 fn image(img: ImageRef) -> Outcome {
+    let too_long = |what: &str, len: usize, max: usize| {
+        Outcome::Reject(Rejected {
+            reason: DeadLetterReason::MalformedEvent,
+            detail: format!("{what} is {len} bytes; at most {max}"),
+            bucket: Some(img.bucket.clone()),
+            key: Some(img.key.clone()),
+        })
+    };
+    if img.bucket.len() > MAX_BUCKET_BYTES {
+        return too_long("bucket name", img.bucket.len(), MAX_BUCKET_BYTES);
+    }
+    if img.key.len() > MAX_KEY_BYTES {
+        return too_long("object key", img.key.len(), MAX_KEY_BYTES);
+    }
+    for (what, field) in [
+        ("eTag", &img.etag),
+        ("versionId", &img.version_id),
+        ("eventTime", &img.event_time),
+    ] {
+        if let Some(f) = field {
+            if f.len() > MAX_FIELD_BYTES {
+                return too_long(what, f.len(), MAX_FIELD_BYTES);
+            }
+        }
+    }
     if img.bucket.is_empty() {
         return Outcome::Reject(Rejected {
             reason: DeadLetterReason::MalformedEvent,
@@ -526,6 +579,36 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn limits_bound_what_one_message_can_make() {
+        let record = |key: &str, etag: &str| {
+            serde_json::json!({"eventVersion": "2.1", "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": "b"}, "object": {"key": key, "eTag": etag}}})
+        };
+        let many = serde_json::json!({ "Records": vec![record("k.png", "e"); 17] }).to_string();
+        assert_eq!(
+            reasons(&decode_limited(Some(many.as_bytes()), &open(), 16)),
+            vec![DeadLetterReason::TooManyRecords]
+        );
+        assert_eq!(
+            images(&decode_limited(Some(many.as_bytes()), &open(), 17)).len(),
+            17
+        );
+        for (key, etag) in [
+            ("k".repeat(MAX_KEY_BYTES + 1), "e".to_string()),
+            ("k".into(), "e".repeat(2000)),
+        ] {
+            let one = serde_json::json!({ "Records": [record(&key, &etag)] }).to_string();
+            assert_eq!(
+                reasons(&decode(Some(one.as_bytes()), &open())),
+                vec![DeadLetterReason::MalformedEvent]
+            );
+        }
+        let longest =
+            serde_json::json!({ "Records": [record(&"k".repeat(MAX_KEY_BYTES), "e")] }).to_string();
+        assert_eq!(images(&decode(Some(longest.as_bytes()), &open())).len(), 1);
     }
 
     #[test]

@@ -17,14 +17,21 @@
 //! all pixels decide: the winning class is `min(N-1, R*N/256)`, its
 //! probability `1/N + (1-1/N)*G/255`, and the rest is shared equally by the
 //! other classes. An undecodable image is a model error (HTTP 424
-//! `ModelError`), which in a batch request fails the whole request.
+//! `ModelError` with `OriginalStatusCode` 400), which in a batch request
+//! fails the whole request. An image whose mean blue channel is 250 or more
+//! ([`model::crash_image`]) crashes the model: HTTP 424 `ModelError` with
+//! `OriginalStatusCode` 500, as SageMaker answers when a container fails.
 //!
 //! # Faults
 //! [`Faults`] injects latency, a failure rate (HTTP 500 `InternalFailure`),
 //! a throttling rate (HTTP 400 `ThrottlingException`), an outage window
 //! (HTTP 503 `ServiceUnavailable`), and slow calls (a fraction answered
 //! only after an extra delay), so the service can be tested against a
-//! misbehaving endpoint. `GET /stats` reports request counts as JSON.
+//! misbehaving endpoint. The outage answers with a chosen [`Failure`]
+//! (ServiceUnavailable by default; a crashing container, denied access,
+//! expired credentials, an unknown endpoint), and [`EndpointControl`] turns
+//! a failure on and off while the server runs. `GET /stats` reports request
+//! counts as JSON.
 
 use std::collections::HashMap;
 use std::hash::{Hash as _, Hasher as _};
@@ -82,10 +89,104 @@ pub struct Faults {
     pub slow_for: Duration,
     /// Outage start, measured from server start.
     pub outage_after: Option<Duration>,
-    /// Outage length; calls in the window get 503 ServiceUnavailable.
+    /// Outage length; calls in the window get `outage_kind`.
     pub outage_for: Duration,
+    /// What calls get during the outage.
+    pub outage_kind: Failure,
     /// Seed of the fault dice, for repeatable runs.
     pub seed: u64,
+}
+
+/// An answer for every call while an outage lasts, as SageMaker Runtime
+/// gives it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Failure {
+    /// 503 `ServiceUnavailable`.
+    #[default]
+    Unavailable,
+    /// 424 `ModelError` with `OriginalStatusCode` 500: the container failed.
+    ModelCrash,
+    /// 400 `AccessDeniedException`: the caller may not invoke the endpoint.
+    AccessDenied,
+    /// 403 `ExpiredTokenException`: the caller's credentials expired.
+    ExpiredToken,
+    /// 403 `UnrecognizedClientException`: unknown access key.
+    UnrecognizedClient,
+    /// 400 `ValidationError` "Endpoint … not found".
+    EndpointNotFound,
+}
+
+impl Failure {
+    /// Every kind, with the name `--outage-kind` takes.
+    pub const ALL: [(Failure, &'static str); 6] = [
+        (Failure::Unavailable, "unavailable"),
+        (Failure::ModelCrash, "model-crash"),
+        (Failure::AccessDenied, "access-denied"),
+        (Failure::ExpiredToken, "expired-token"),
+        (Failure::UnrecognizedClient, "unrecognized-client"),
+        (Failure::EndpointNotFound, "endpoint-not-found"),
+    ];
+
+    /// The kind named `name` (see [`Failure::ALL`]).
+    pub fn parse(name: &str) -> Option<Failure> {
+        Failure::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
+    }
+
+    fn response(self, endpoint: &str) -> Response {
+        match self {
+            Failure::Unavailable => aws_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "The service is unavailable (injected outage).",
+            ),
+            Failure::ModelCrash => model_error(
+                500,
+                "worker died (injected): the model server's process exited",
+            ),
+            Failure::AccessDenied => aws_error(
+                StatusCode::BAD_REQUEST,
+                "AccessDeniedException",
+                &format!("User: arn:aws:iam::000000000000:user/tests is not authorized to perform: sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:us-east-1:000000000000:endpoint/{endpoint} (injected)"),
+            ),
+            Failure::ExpiredToken => aws_error(
+                StatusCode::FORBIDDEN,
+                "ExpiredTokenException",
+                "The security token included in the request is expired (injected)",
+            ),
+            Failure::UnrecognizedClient => aws_error(
+                StatusCode::FORBIDDEN,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid (injected)",
+            ),
+            Failure::EndpointNotFound => aws_error(
+                StatusCode::BAD_REQUEST,
+                "ValidationError",
+                &format!("Endpoint {endpoint} of account 000000000000 not found. (injected)"),
+            ),
+        }
+    }
+}
+
+/// Turns a failure of every call on and off while the endpoint runs.
+#[derive(Debug, Default)]
+pub struct EndpointControl {
+    failing: Mutex<Option<Failure>>,
+}
+
+impl EndpointControl {
+    /// From now on every call gets `failure`; `None` ends it.
+    pub fn fail_with(&self, failure: Option<Failure>) {
+        if let Ok(mut f) = self.failing.lock() {
+            *f = failure;
+        }
+    }
+
+    fn current(&self) -> Option<Failure> {
+        self.failing.lock().ok().and_then(|f| *f)
+    }
 }
 
 /// Request counters, shared with whoever started the server.
@@ -134,6 +235,7 @@ impl EndpointStats {
 
 struct AppState {
     opts: EndpointOptions,
+    control: Arc<EndpointControl>,
     started: Instant,
     dice: Mutex<fastrand::Rng>,
     stats: Arc<EndpointStats>,
@@ -148,6 +250,8 @@ const MEMO_ENTRIES: usize = 65_536;
 pub struct RunningEndpoint {
     pub addr: SocketAddr,
     pub stats: Arc<EndpointStats>,
+    /// Switches a failure of every call on and off.
+    pub control: Arc<EndpointControl>,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -166,7 +270,9 @@ pub fn spawn(
 ) -> std::io::Result<RunningEndpoint> {
     let addr = listener.local_addr()?;
     let stats = Arc::new(EndpointStats::default());
+    let control = Arc::new(EndpointControl::default());
     let state = Arc::new(AppState {
+        control: control.clone(),
         dice: Mutex::new(fastrand::Rng::with_seed(opts.faults.seed)),
         workers: (opts.workers > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.workers))),
         memo: Mutex::new(HashMap::new()),
@@ -186,7 +292,12 @@ pub fn spawn(
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     });
-    Ok(RunningEndpoint { addr, stats, task })
+    Ok(RunningEndpoint {
+        addr,
+        stats,
+        control,
+        task,
+    })
 }
 
 async fn stats_handler(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -221,7 +332,7 @@ async fn invocations(
 
 impl AppState {
     /// The model's answer, remembered per distinct image when `memoize` is on.
-    fn classify(&self, img: &[u8], classes: usize) -> Result<Vec<f64>, String> {
+    fn classify(&self, img: &[u8], classes: usize) -> Result<Vec<f64>, model::ModelFailure> {
         if !self.opts.memoize {
             return model::classify(img, classes);
         }
@@ -256,16 +367,19 @@ enum Dice {
     Ok,
     Fail,
     Throttle,
-    Outage,
+    Outage(Failure),
 }
 
 impl AppState {
     fn roll(&self) -> Dice {
         let f = &self.opts.faults;
+        if let Some(failure) = self.control.current() {
+            return Dice::Outage(failure);
+        }
         if let Some(after) = f.outage_after {
             let t = self.started.elapsed();
             if t >= after && t < after + f.outage_for {
-                return Dice::Outage;
+                return Dice::Outage(f.outage_kind);
             }
         }
         let x = match self.dice.lock() {
@@ -300,14 +414,16 @@ async fn wait_until(t: tokio::time::Instant) {
 const LARGE_REQUEST: usize = 64 * 1024;
 
 /// Runs `f` on a blocking thread when `large`, else here.
-async fn model_work<T: Send + 'static>(
+async fn model_work<T: Send + 'static, E: Send + 'static>(
     large: bool,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+    failed: impl FnOnce(String) -> E,
+) -> Result<T, E> {
     if large {
-        tokio::task::spawn_blocking(f)
-            .await
-            .unwrap_or_else(|e| Err(format!("the model failed: {e}")))
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => Err(failed(format!("the model failed: {e}"))),
+        }
     } else {
         f()
     }
@@ -327,11 +443,11 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
 
     let images: Vec<Vec<u8>> = if batch {
         let body = body.clone();
-        match model_work(large, move || parse_instances(&body)).await {
+        match model_work(large, move || parse_instances(&body), |e| e).await {
             Ok(images) => images,
             Err(msg) => {
                 stats.model_errors.fetch_add(1, Ordering::Relaxed);
-                return model_error(&msg);
+                return model_error(400, &msg);
             }
         }
     } else if content_type.starts_with("application/x-image") || content_type.starts_with("image/")
@@ -339,7 +455,7 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
         vec![body.to_vec()]
     } else {
         stats.model_errors.fetch_add(1, Ordering::Relaxed);
-        return model_error(&format!("unsupported content type `{content_type}`; send application/x-image, image/* or application/json"));
+        return model_error(400, &format!("unsupported content type `{content_type}`; send application/x-image, image/* or application/json"));
     };
     stats
         .images
@@ -369,28 +485,30 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
     let predictions = {
         let state = state.clone();
         let classes = state.opts.classes;
-        model_work(large, move || {
-            images
-                .iter()
-                .enumerate()
-                .map(|(i, img)| {
-                    state
-                        .classify(img, classes)
-                        .map_err(|e| format!("instance {i}: {e}"))
-                })
-                .collect::<Result<Vec<_>, String>>()
-        })
+        model_work(
+            large,
+            move || {
+                images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, img)| {
+                        state.classify(img, classes).map_err(|e| match e {
+                            model::ModelFailure::BadInput(m) => (400, format!("instance {i}: {m}")),
+                            model::ModelFailure::Crashed(m) => (500, format!("instance {i}: {m}")),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, (u16, String)>>()
+            },
+            |e| (500, e),
+        )
         .await
     };
     match dice {
-        Dice::Outage => {
+        Dice::Outage(failure) => {
             wait_until(answer_at).await;
             stats.unavailable.fetch_add(1, Ordering::Relaxed);
-            return aws_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                "The service is unavailable (injected outage).",
-            );
+            let name = state.opts.name.as_deref().unwrap_or("image-classifier");
+            return failure.response(name);
         }
         Dice::Throttle => {
             wait_until(answer_at).await;
@@ -419,9 +537,9 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
         .fetch_add(received.elapsed().as_micros() as u64, Ordering::Relaxed);
     let predictions = match predictions {
         Ok(p) => p,
-        Err(e) => {
+        Err((status, e)) => {
             stats.model_errors.fetch_add(1, Ordering::Relaxed);
-            return model_error(&e);
+            return model_error(status, &e);
         }
     };
     stats.ok.fetch_add(1, Ordering::Relaxed);
@@ -472,15 +590,18 @@ fn aws_error(status: StatusCode, code: &str, message: &str) -> Response {
     resp
 }
 
-/// What SageMaker answers when the container rejects the input.
-fn model_error(message: &str) -> Response {
+/// What SageMaker answers when the container answers `status` (400: it
+/// rejects the input; 500: it failed).
+fn model_error(status: u16, message: &str) -> Response {
+    let side = if status >= 500 { "server" } else { "client" };
     let mut resp = (
         StatusCode::FAILED_DEPENDENCY,
         axum::Json(serde_json::json!({
             "__type": "ModelError",
-            "message": format!("Received client error (400) from primary with message \"{message}\"."),
-            "OriginalStatusCode": 400,
+            "message": format!("Received {side} error ({status}) from primary with message \"{message}\"."),
+            "OriginalStatusCode": status,
             "OriginalMessage": message,
+            "LogStreamArn": "arn:aws:logs:us-east-1:000000000000:log-group:/aws/sagemaker/Endpoints/image-classifier",
         })),
     )
         .into_response();
@@ -499,12 +620,33 @@ pub mod model {
     const MAX_PIXELS_SIDE: u32 = 8192;
     const MAX_ALLOC: u64 = 256 * 1024 * 1024;
 
+    /// Why the model gave no answer.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum ModelFailure {
+        /// The input is not an image it can read (a 4xx from the container).
+        BadInput(String),
+        /// The model crashed on it (a 5xx from the container).
+        Crashed(String),
+    }
+
+    impl std::fmt::Display for ModelFailure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                ModelFailure::BadInput(m) | ModelFailure::Crashed(m) => f.write_str(m),
+            }
+        }
+    }
+
+    /// Mean blue at or above which the model crashes ([`crash_image`]).
+    const CRASH_BLUE: f64 = 250.0;
+
     /// Class probabilities of an image (see the module docs for the rule).
-    pub fn classify(bytes: &[u8], classes: usize) -> Result<Vec<f64>, String> {
+    pub fn classify(bytes: &[u8], classes: usize) -> Result<Vec<f64>, ModelFailure> {
+        let bad = ModelFailure::BadInput;
         let classes = classes.max(1);
         let mut reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| format!("cannot read image: {e}"))?;
+            .map_err(|e| bad(format!("cannot read image: {e}")))?;
         let mut limits = Limits::default();
         limits.max_image_width = Some(MAX_PIXELS_SIDE);
         limits.max_image_height = Some(MAX_PIXELS_SIDE);
@@ -512,16 +654,22 @@ pub mod model {
         reader.limits(limits);
         let img = reader
             .decode()
-            .map_err(|e| format!("cannot decode image: {e}"))?;
+            .map_err(|e| bad(format!("cannot decode image: {e}")))?;
         let rgb = img.to_rgb8();
         let n = u64::from(rgb.width()) * u64::from(rgb.height());
         if n == 0 {
-            return Err("image has no pixels".into());
+            return Err(bad("image has no pixels".into()));
         }
-        let (mut r, mut g) = (0u64, 0u64);
+        let (mut r, mut g, mut b) = (0u64, 0u64, 0u64);
         for p in rgb.pixels() {
             r += u64::from(p[0]);
             g += u64::from(p[1]);
+            b += u64::from(p[2]);
+        }
+        if b as f64 / n as f64 >= CRASH_BLUE {
+            return Err(ModelFailure::Crashed(
+                "the model crashed on this image (injected: mean blue >= 250)".into(),
+            ));
         }
         Ok(probabilities(
             r as f64 / n as f64,
@@ -601,6 +749,16 @@ pub mod model {
             let _ = img.write_to(&mut png, ImageFormat::Png);
             return png.into_inner();
         }
+        out.into_inner()
+    }
+
+    /// A valid PNG that crashes the model (its mean blue is 255): the
+    /// endpoint answers 424 `ModelError` with `OriginalStatusCode` 500, and
+    /// in a batch request the whole batch fails so.
+    pub fn crash_image(size: u32) -> Vec<u8> {
+        let img = RgbImage::from_pixel(size.max(1), size.max(1), Rgb([10, 200, 255]));
+        let mut out = Cursor::new(Vec::new());
+        let _ = img.write_to(&mut out, ImageFormat::Png);
         out.into_inner()
     }
 
@@ -704,8 +862,15 @@ pub mod model {
         }
 
         #[test]
-        fn garbage_is_a_model_error() {
-            assert!(classify(b"not an image", 2).is_err());
+        fn garbage_is_a_model_error_and_the_crash_image_crashes() {
+            assert!(matches!(
+                classify(&crash_image(8), 2),
+                Err(ModelFailure::Crashed(_))
+            ));
+            assert!(matches!(
+                classify(b"not an image", 2),
+                Err(ModelFailure::BadInput(_))
+            ));
             let mut png = test_image(0, 0.9, 2, 32, ImageFormat::Png);
             png.truncate(png.len() / 2);
             assert!(classify(&png, 2).is_err());

@@ -3,7 +3,7 @@
 //! one bad image never sinks its batch-mates.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -13,8 +13,12 @@ use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::SdkError;
+use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
+
 use crate::aws::{backoff, classify, describe, ErrorClass};
-use crate::breaker::Breaker;
+use crate::breaker::{Admission, Breaker};
 use crate::config::{EndpointConfig, RequestMode};
 use crate::decode::DeadLetterReason;
 use crate::fetch::ImageKind;
@@ -45,8 +49,13 @@ pub struct Input<'a> {
 enum CallError {
     /// The endpoint refused this request's content.
     Rejected(String),
-    /// The endpoint stayed unavailable through every attempt.
+    /// The endpoint failed this request through every attempt, while the
+    /// circuit stayed closed (it answered other calls meanwhile).
     Unavailable(String),
+    /// This request was the circuit's probe (nothing has succeeded yet to
+    /// probe with) and failed: a batch is split, so that a batch holding
+    /// an image the model cannot take does not stay the probe for ever.
+    ProbeFailed(String),
 }
 
 struct CallOk {
@@ -54,6 +63,22 @@ struct CallOk {
     variant: Option<String>,
     duration: Duration,
 }
+
+/// A request known to succeed, sent as the circuit's probe instead of an
+/// image that may be the reason calls fail.
+#[derive(Clone)]
+struct Canary {
+    body: Bytes,
+    content_type: String,
+    at: Instant,
+}
+
+/// Requests larger than this are not kept as the canary.
+const MAX_CANARY_BYTES: usize = 256 * 1024;
+/// How long a canary is kept before a newer success replaces it.
+const CANARY_REFRESH: Duration = Duration::from_secs(60);
+/// Attempts per call when bisecting a batch that kept failing.
+const BISECT_ATTEMPTS: u32 = 2;
 
 /// The inference client.
 #[derive(Clone)]
@@ -64,6 +89,7 @@ pub struct Inferrer {
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     breaker: Arc<Breaker>,
+    canary: Arc<Mutex<Option<Canary>>>,
 }
 
 impl Inferrer {
@@ -93,6 +119,7 @@ impl Inferrer {
             metrics,
             healthy,
             breaker,
+            canary: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -113,7 +140,10 @@ impl Inferrer {
                 let idx: Vec<usize> = (0..inputs.len()).collect();
                 let mut out: Vec<Option<Result<Inference, InferError>>> =
                     (0..inputs.len()).map(|_| None).collect();
-                for (i, r) in self.infer_group(inputs, idx).await {
+                for (i, r) in self
+                    .infer_group(inputs, idx, self.config.max_attempts)
+                    .await
+                {
                     out[i] = Some(r);
                 }
                 out.into_iter()
@@ -137,7 +167,15 @@ impl Inferrer {
             self.config.content_type.as_str()
         };
         let body = input.body;
-        match self.call(&|| body.to_vec(), content_type).await {
+        match self
+            .call(
+                &|| body.to_vec(),
+                content_type,
+                self.config.max_attempts,
+                false,
+            )
+            .await
+        {
             Ok(ok) => {
                 let scores =
                     parse_single(&ok.body, self.config.labels.len()).map_err(|detail| {
@@ -150,6 +188,7 @@ impl Inferrer {
                             detail,
                         }
                     })?;
+                self.keep_canary(|| body.clone(), body.len(), content_type);
                 Ok(Inference {
                     scores,
                     duration: ok.duration,
@@ -160,38 +199,82 @@ impl Inferrer {
                 reason: DeadLetterReason::EndpointRejected,
                 detail,
             }),
-            Err(CallError::Unavailable(detail)) => Err(InferError {
-                reason: DeadLetterReason::EndpointUnavailable,
-                detail,
-            }),
+            Err(CallError::Unavailable(detail) | CallError::ProbeFailed(detail)) => {
+                Err(InferError {
+                    reason: DeadLetterReason::EndpointUnavailable,
+                    detail,
+                })
+            }
         }
     }
 
-    /// Classifies the images `idx` of `inputs` in one call; on a content
-    /// rejection, splits in halves until the culprit is alone.
+    /// Remembers a request that succeeded as the circuit's probe, unless a
+    /// recent one is kept already.
+    fn keep_canary(&self, body: impl FnOnce() -> Bytes, len: usize, content_type: &str) {
+        if len > MAX_CANARY_BYTES {
+            return;
+        }
+        let Ok(mut canary) = self.canary.lock() else {
+            return;
+        };
+        if canary
+            .as_ref()
+            .is_some_and(|c| c.at.elapsed() < CANARY_REFRESH)
+        {
+            return;
+        }
+        *canary = Some(Canary {
+            body: body(),
+            content_type: content_type.to_string(),
+            at: Instant::now(),
+        });
+    }
+
+    fn canary(&self) -> Option<Canary> {
+        self.canary.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Classifies the images `idx` of `inputs` in one call. When the call is
+    /// refused, or keeps failing while the endpoint answers other calls,
+    /// the group is split in halves until the culprit is alone, so that one
+    /// image never takes its batch-mates with it.
     fn infer_group<'a>(
         &'a self,
         inputs: &'a [Input<'a>],
         idx: Vec<usize>,
+        attempts: u32,
     ) -> BoxFuture<'a, Vec<(usize, Result<Inference, InferError>)>> {
         async move {
             let body = || batch_request(idx.iter().map(|&i| inputs[i].body.as_ref()));
-            match self.call(&body, "application/json").await {
+            let split_probe = idx.len() > 1;
+            match self
+                .call(&body, "application/json", attempts, split_probe)
+                .await
+            {
                 Ok(ok) => match parse_batch(&ok.body, idx.len(), self.config.labels.len()) {
-                    Ok(all) => idx
-                        .into_iter()
-                        .zip(all)
-                        .map(|(i, scores)| {
-                            (
-                                i,
-                                Ok(Inference {
-                                    scores,
-                                    duration: ok.duration,
-                                    variant: ok.variant.clone(),
-                                }),
-                            )
-                        })
-                        .collect(),
+                    Ok(all) => {
+                        if let Some(&small) = idx.iter().min_by_key(|&&i| inputs[i].body.len()) {
+                            let one = inputs[small].body;
+                            self.keep_canary(
+                                || Bytes::from(batch_request(std::iter::once(one.as_ref()))),
+                                one.len(),
+                                "application/json",
+                            );
+                        }
+                        idx.into_iter()
+                            .zip(all)
+                            .map(|(i, scores)| {
+                                (
+                                    i,
+                                    Ok(Inference {
+                                        scores,
+                                        duration: ok.duration,
+                                        variant: ok.variant.clone(),
+                                    }),
+                                )
+                            })
+                            .collect()
+                    }
                     Err(detail) => {
                         self.metrics
                             .inference_errors
@@ -210,21 +293,34 @@ impl Inferrer {
                             .collect()
                     }
                 },
-                Err(CallError::Rejected(detail)) if idx.len() > 1 => {
-                    tracing::debug!(images = idx.len(), %detail, "batch rejected, splitting");
+                Err(
+                    e @ (CallError::Rejected(_)
+                    | CallError::Unavailable(_)
+                    | CallError::ProbeFailed(_)),
+                ) if idx.len() > 1 => {
+                    let (detail, attempts) = match e {
+                        // Only a probe failed: the halves keep every attempt.
+                        CallError::ProbeFailed(d) => (d, attempts),
+                        CallError::Rejected(d) | CallError::Unavailable(d) => {
+                            (d, attempts.min(BISECT_ATTEMPTS))
+                        }
+                    };
+                    tracing::debug!(images = idx.len(), %detail, "batch failed, splitting");
                     self.metrics.batch_splits.inc();
                     let mut left = idx;
                     let right = left.split_off(left.len() / 2);
                     let (a, b) = futures::join!(
-                        self.infer_group(inputs, left),
-                        self.infer_group(inputs, right)
+                        self.infer_group(inputs, left, attempts),
+                        self.infer_group(inputs, right, attempts)
                     );
                     a.into_iter().chain(b).collect()
                 }
                 Err(e) => {
                     let (reason, detail) = match e {
                         CallError::Rejected(d) => (DeadLetterReason::EndpointRejected, d),
-                        CallError::Unavailable(d) => (DeadLetterReason::EndpointUnavailable, d),
+                        CallError::Unavailable(d) | CallError::ProbeFailed(d) => {
+                            (DeadLetterReason::EndpointUnavailable, d)
+                        }
                     };
                     idx.into_iter()
                         .map(|i| {
@@ -243,93 +339,167 @@ impl Inferrer {
         .boxed()
     }
 
-    /// One logical call: attempts with backoff, through the circuit breaker.
-    /// One InvokeEndpoint with retries. The request body is made by
+    /// One InvokeEndpoint, as an error class and description on failure.
+    async fn send(
+        &self,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<CallOk, (ErrorClass, String)> {
+        let cfg = &self.config;
+        let permit = self.calls.acquire().await;
+        let start = Instant::now();
+        let mut req = self
+            .client
+            .invoke_endpoint()
+            .endpoint_name(&cfg.name)
+            .content_type(content_type)
+            .accept("application/json")
+            .body(aws_sdk_sagemakerruntime::primitives::Blob::new(body));
+        if !cfg.variant.is_empty() {
+            req = req.target_variant(&cfg.variant);
+        }
+        self.metrics.inference_requests.inc();
+        let result = tokio::time::timeout(cfg.timeout, req.send()).await;
+        drop(permit);
+        let failure = match result {
+            Ok(Ok(resp)) => {
+                let duration = start.elapsed();
+                self.metrics
+                    .inference_duration
+                    .observe(duration.as_secs_f64());
+                let variant = resp.invoked_production_variant().map(str::to_string);
+                let body = resp
+                    .body
+                    .map(|b| Bytes::from(b.into_inner()))
+                    .unwrap_or_default();
+                return Ok(CallOk {
+                    body,
+                    variant,
+                    duration,
+                });
+            }
+            Ok(Err(err)) => (classify_invoke(&err), describe(&err)),
+            Err(_) => (
+                ErrorClass::Timeout,
+                format!(
+                    "no answer within endpoint.timeout ({})",
+                    humantime::format_duration(cfg.timeout)
+                ),
+            ),
+        };
+        self.metrics
+            .inference_errors
+            .with_label_values(&[error_kind(failure.0)])
+            .inc();
+        Err(failure)
+    }
+
+    /// One logical call: up to `max_attempts` attempts with backoff,
+    /// through the circuit breaker. The request body is made by
     /// `make_body` once before the first attempt and again for each retry,
     /// so that no copy of a (possibly megabytes) request waits in memory
     /// for a retry that seldom comes.
+    ///
+    /// Attempts made while the circuit is open do not count: an outage
+    /// makes images wait, not fail. When the circuit half-opens, the probe
+    /// is the last request that succeeded (the canary) if there is one, so
+    /// that an image the model cannot take is not mistaken for an outage
+    /// and probed for ever: with the circuit closed again, its own failures
+    /// count. Before anything has succeeded there is no canary and the
+    /// call itself probes; with `split_probe` (a batch) a failed probe ends
+    /// the call, for the batch to be split.
     async fn call(
         &self,
         make_body: &(dyn Fn() -> Vec<u8> + Sync),
         content_type: &str,
+        max_attempts: u32,
+        split_probe: bool,
     ) -> Result<CallOk, CallError> {
         let cfg = &self.config;
         let mut attempts = 0u32;
         let mut first = Some(make_body());
         loop {
-            let body = first.take().unwrap_or_else(make_body);
             let admission = self.breaker.admit().await;
-            let permit = self.calls.acquire().await;
-            let start = Instant::now();
-            let mut req = self
-                .client
-                .invoke_endpoint()
-                .endpoint_name(&cfg.name)
-                .content_type(content_type)
-                .accept("application/json")
-                .body(aws_sdk_sagemakerruntime::primitives::Blob::new(body));
-            if !cfg.variant.is_empty() {
-                req = req.target_variant(&cfg.variant);
+            if admission == Admission::Probe {
+                if let Some(canary) = self.canary() {
+                    match self.send(canary.body.to_vec(), &canary.content_type).await {
+                        // It answered: the endpoint is up (even a refusal
+                        // says so); this image's own call follows.
+                        Ok(_) => self.breaker.success(),
+                        Err((ErrorClass::Rejected, _)) => self.breaker.success(),
+                        Err((ErrorClass::Systemic, detail)) => {
+                            self.breaker.trip(admission, &detail)
+                        }
+                        Err((class, detail)) => {
+                            tracing::debug!(kind = error_kind(class), %detail, "probe failed; circuit stays open");
+                            self.breaker.failure(admission);
+                        }
+                    }
+                    continue;
+                }
             }
-            self.metrics.inference_requests.inc();
-            let result = tokio::time::timeout(cfg.timeout, req.send()).await;
-            drop(permit);
-            let (class, detail) = match result {
-                Ok(Ok(resp)) => {
-                    let duration = start.elapsed();
-                    self.metrics
-                        .inference_duration
-                        .observe(duration.as_secs_f64());
+            let body = first.take().unwrap_or_else(make_body);
+            let (class, detail) = match self.send(body, content_type).await {
+                Ok(ok) => {
                     self.breaker.success();
-                    let variant = resp.invoked_production_variant().map(str::to_string);
-                    let body = resp
-                        .body
-                        .map(|b| Bytes::from(b.into_inner()))
-                        .unwrap_or_default();
-                    return Ok(CallOk {
-                        body,
-                        variant,
-                        duration,
-                    });
+                    return Ok(ok);
                 }
-                Ok(Err(err)) => {
-                    let class = classify(&err);
-                    (class, describe(&err))
-                }
-                Err(_) => (
-                    ErrorClass::Timeout,
-                    format!(
-                        "no answer within endpoint.timeout ({})",
-                        humantime::format_duration(cfg.timeout)
-                    ),
-                ),
+                Err(e) => e,
             };
             let kind = error_kind(class);
-            self.metrics
-                .inference_errors
-                .with_label_values(&[kind])
-                .inc();
-            if !class.retryable() {
-                // The endpoint answered, so it is up.
-                self.breaker.success();
-                return Err(CallError::Rejected(detail));
+            match class {
+                ErrorClass::Rejected => {
+                    // The endpoint answered, so it is up.
+                    self.breaker.success();
+                    return Err(CallError::Rejected(detail));
+                }
+                ErrorClass::Systemic => {
+                    self.breaker.trip(admission, &detail);
+                    continue;
+                }
+                _ => {}
             }
             if self.breaker.failure(admission) {
+                if split_probe && admission == Admission::Probe {
+                    return Err(CallError::ProbeFailed(detail));
+                }
                 // The endpoint is down for everyone: wait for the circuit
                 // to close rather than spend this image's attempts.
                 tracing::debug!(kind, %detail, "invoke endpoint failed; circuit open, waiting");
                 continue;
             }
             attempts += 1;
-            if attempts >= cfg.max_attempts {
-                tracing::warn!(endpoint = %cfg.name, attempts, last = %detail, "endpoint call failed through every attempt");
+            if attempts >= max_attempts {
+                tracing::warn!(endpoint = %cfg.name, attempts, last = %detail, "endpoint call failed through every attempt while the endpoint answered other calls");
                 return Err(CallError::Unavailable(format!(
-                    "{attempts} attempts failed; last: {detail}"
+                    "{attempts} attempts failed while the endpoint answered other calls; last: {detail}"
                 )));
             }
             tracing::debug!(attempts, kind, %detail, "invoke endpoint failed, retrying");
             tokio::time::sleep(backoff(attempts, cfg.backoff_initial, cfg.backoff_max)).await;
         }
+    }
+}
+
+/// Classifies an InvokeEndpoint failure. A `ModelError` is the container's
+/// answer: its `OriginalStatusCode` says whether the input was refused (4xx)
+/// or the container failed (5xx, retryable) or was overloaded (429). A
+/// `ValidationError` naming an endpoint or variant that is not found is
+/// true of every call.
+pub fn classify_invoke(err: &SdkError<InvokeEndpointError, HttpResponse>) -> ErrorClass {
+    match err.as_service_error() {
+        Some(InvokeEndpointError::ModelError(m)) => match m.original_status_code() {
+            Some(429) => ErrorClass::Throttled,
+            Some(s) if s >= 500 => ErrorClass::Unavailable,
+            _ => ErrorClass::Rejected,
+        },
+        Some(InvokeEndpointError::ValidationError(v))
+            if v.message()
+                .is_some_and(|m| m.to_ascii_lowercase().contains("not found")) =>
+        {
+            ErrorClass::Systemic
+        }
+        _ => classify(err),
     }
 }
 
@@ -341,6 +511,7 @@ pub fn error_kind(class: ErrorClass) -> &'static str {
         ErrorClass::Timeout => "timeout",
         ErrorClass::Network => "network",
         ErrorClass::Rejected => "rejected",
+        ErrorClass::Systemic => "refused",
     }
 }
 
@@ -348,12 +519,13 @@ pub fn error_kind(class: ErrorClass) -> &'static str {
 pub const BAD_RESPONSE: &str = "bad_response";
 
 /// Every error class, for initialising the metric's label values.
-pub const ERROR_CLASSES: [ErrorClass; 5] = [
+pub const ERROR_CLASSES: [ErrorClass; 6] = [
     ErrorClass::Throttled,
     ErrorClass::Unavailable,
     ErrorClass::Timeout,
     ErrorClass::Network,
     ErrorClass::Rejected,
+    ErrorClass::Systemic,
 ];
 
 /// `{"instances": [{"b64": "..."}, ...]}`

@@ -16,11 +16,15 @@ fn with_properties(mut c: ClientConfig, cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// The input consumer: manual offset management, statistics for lag.
+/// The input consumer: manual offset management, statistics for lag,
+/// cooperative rebalancing and, with `kafka.instance_id`, static membership.
 pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("client.id", "inferstream")
         .set("group.id", &cfg.group_id)
+        // A rebalance moves only the partitions that must move; the others
+        // keep their in-flight work and are not re-processed.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
@@ -32,6 +36,9 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         // about 16,000 S3 notifications, over a second of input at the
         // service's ceiling (librdkafka's default is 64 MiB).
         .set("queued.max.messages.kbytes", "16384");
+    if !cfg.instance_id.is_empty() {
+        c.set("group.instance.id", &cfg.instance_id);
+    }
     let mut c = with_properties(c, cfg);
     for (k, v) in &cfg.consumer_properties {
         c.set(k, v);
@@ -52,4 +59,40 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    fn config(extra: &str) -> Config {
+        Config::from_toml_str(&format!("[alerts]\nenabled = false\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn the_consumer_rebalances_cooperatively_and_can_be_static() {
+        let c = consumer_config(&config("").kafka);
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(c.get("group.instance.id"), None);
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        let c = consumer_config(&config("[kafka]\ninstance_id = \"pod-7\"\n").kafka);
+        assert_eq!(c.get("group.instance.id"), Some("pod-7"));
+        // The strategy stays the user's to choose.
+        let c = consumer_config(
+            &config("[kafka.consumer_properties]\n\"partition.assignment.strategy\" = \"range\"\n")
+                .kafka,
+        );
+        assert_eq!(c.get("partition.assignment.strategy"), Some("range"));
+    }
+
+    #[test]
+    fn the_producer_waits_for_every_replica() {
+        let c = producer_config(&config("").kafka);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+    }
 }

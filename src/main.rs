@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use inferstream::config::{Config, LogFormat};
-use inferstream::endpoint::{EndpointOptions, Faults};
+use inferstream::endpoint::{EndpointOptions, Failure, Faults};
 
 const DEFAULT_CONFIG: &str = "config/inferstream.toml";
 
@@ -116,9 +116,21 @@ struct EndpointArgs {
     /// Length of the outage.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     outage_for: Duration,
+    /// What calls get during the outage: unavailable (503), model-crash
+    /// (424 ModelError from a failed container), access-denied,
+    /// expired-token, unrecognized-client, endpoint-not-found.
+    #[arg(long, default_value = "unavailable", value_parser = parse_failure)]
+    outage_kind: Failure,
     /// Seed of the fault dice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+fn parse_failure(name: &str) -> Result<Failure, String> {
+    Failure::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Failure::ALL.iter().map(|(_, n)| *n).collect();
+        format!("`{name}` is not one of {}", names.join(", "))
+    })
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -172,7 +184,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::CheckConfig => check_config(cli.config),
         Command::Run => match run_config {
             Some(cfg) => runtime.block_on(run(cfg)),
@@ -181,7 +193,11 @@ fn main() -> ExitCode {
         Command::Endpoint(args) => runtime.block_on(endpoint(args)),
         Command::Report(args) => runtime.block_on(report(cli.config, args)),
         Command::Demo(args) => runtime.block_on(demo(cli.config, args)),
-    }
+    };
+    // Work stuck in the blocking pool (a Kafka call that does not return)
+    // must not keep the process alive past its shutdown budget.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn demo(path: Option<PathBuf>, args: DemoArgs) -> ExitCode {
@@ -240,6 +256,7 @@ async fn run(cfg: Config) -> ExitCode {
         tracing::error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
+    inferstream::shutdown::watchdog(shutdown.clone(), cfg.pipeline.shutdown_timeout);
     let service = match inferstream::start(cfg, shutdown).await {
         Ok(s) => s,
         Err(e) => {
@@ -287,6 +304,7 @@ async fn endpoint(args: EndpointArgs) -> ExitCode {
             slow_for: args.slow_for,
             outage_after: args.outage_after,
             outage_for: args.outage_for,
+            outage_kind: args.outage_kind,
             seed: args.seed,
         },
     };

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub capture_lines: IntCounter,
     pub capture_objects: IntCounter,
     pub capture_failed: IntCounter,
+    pub capture_dropped: IntCounter,
+    pub offset_resets: IntCounter,
+    pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub circuit_open: IntGauge,
 }
@@ -124,6 +127,9 @@ impl Metrics {
             capture_lines: reg!(counter("inferstream_capture_lines_total", "Predictions written to data capture")?),
             capture_objects: reg!(counter("inferstream_capture_objects_total", "Data capture objects written to S3")?),
             capture_failed: reg!(counter("inferstream_capture_failed_total", "Captured predictions lost because S3 writes failed every attempt")?),
+            capture_dropped: reg!(counter("inferstream_capture_dropped_total", "Predictions left out of data capture because the writer's backlog was full (S3 slow or down)")?),
+            offset_resets: reg!(counter("inferstream_offset_resets_total", "Partitions whose consume position was reset by auto.offset.reset (e.g. the committed offset fell out of retention: records skipped)")?),
+            rebalances: reg!(counter_vec("inferstream_rebalances_total", "Rebalance events of this instance, by kind (assign, revoke, lost)", &["kind"])?),
             assigned_partitions: reg!(IntGauge::new("inferstream_assigned_partitions", "Input partitions assigned to this instance")?),
             circuit_open: reg!(IntGauge::new("inferstream_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open (images wait, the endpoint is probed)")?),
             registry,
@@ -154,6 +160,9 @@ impl Metrics {
         }
         self.inference_errors
             .with_label_values(&[crate::infer::BAD_RESPONSE]);
+        for kind in ["assign", "revoke", "lost"] {
+            self.rebalances.with_label_values(&[kind]);
+        }
         for reason in crate::decode::SkipReason::ALL {
             self.records_skipped.with_label_values(&[reason.as_str()]);
         }

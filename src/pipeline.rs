@@ -1,44 +1,54 @@
 //! The wiring: source → fetch → batch → infer → route → sinks, with bounded
-//! channels between stages and one semaphore bounding images in flight.
+//! channels between stages and one semaphore bounding what is in flight.
 //!
 //! Every stage is a task that ends when its input closes, so stopping the
-//! source drains the rest in order. Offsets are committed by the source task
-//! on a timer, on revocation and at the end.
+//! source drains the rest in order. Calls to S3 and the endpoint run as
+//! tasks of their own, so that a stage waiting to hand results downstream
+//! never starves calls that are still running (their deadlines run while
+//! they are not polled). The source commits offsets through the
+//! [`Committer`] on a timer, on revocation and at the end; it keeps polling
+//! Kafka whatever it waits for (pausing the partitions when the wait lasts),
+//! so that the group never evicts it. Shutdown has one budget,
+//! `pipeline.shutdown_timeout`: drain, then commit what is complete, flush,
+//! and leave the group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Ack, Tracker};
 use crate::capture::{CaptureLine, Capturer};
 use crate::config::{Config, RequestMode};
-use crate::decode::{decode, DeadLetterReason, ImageRef, Outcome};
-use crate::fetch::{Fetched, Fetcher};
+use crate::decode::{decode_limited, DeadLetterReason, ImageRef, Outcome};
+use crate::fetch::{FetchError, Fetched, Fetcher};
 use crate::infer::{InferError, Inference, Inferrer, Input};
 use crate::metrics::Metrics;
 use crate::record::{
-    image_id, now_rfc3339, DeadLetter, Decision, Latency, Prediction, SourceRef, PREDICTION_SCHEMA,
+    image_id, now_rfc3339, DeadLetter, Decision, Latency, Payload, Prediction, SourceRef,
+    PREDICTION_SCHEMA,
 };
 use crate::sink::{Alerter, KafkaSink};
-use crate::source::{commit, Positions, SourceContext};
+use crate::source::{Committer, InputConsumer, SourceContext};
 
 /// One image on its way.
 struct Job {
     image: ImageRef,
     ack: Ack,
     source: SourceRef,
-    payload: Bytes,
+    payload: Payload,
     consumed: Instant,
 }
 
@@ -73,6 +83,24 @@ impl Service {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Service> {
     let sdk = crate::aws::sdk_config(&config).await;
     start_with_sdk(config, sdk, shutdown).await
+}
+
+/// The parts [`run`] wires together.
+struct Parts {
+    consumer: Arc<InputConsumer>,
+    committer: Arc<Committer>,
+    producer: FutureProducer,
+    fetcher: Fetcher,
+    inferrer: Inferrer,
+    sink: KafkaSink,
+    alerter: Option<Alerter>,
+    capture: Option<(Capturer, tokio::task::JoinHandle<()>)>,
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    http: tokio::task::JoinHandle<()>,
+    http_stop: CancellationToken,
+    /// Tells the tracker when a stop is asked for.
+    stop_watch: tokio::task::JoinHandle<()>,
 }
 
 /// As [`start`], with the AWS SDK settings given (the demo uses static
@@ -116,15 +144,22 @@ pub async fn start_with_sdk(
         .context("creating the Kafka producer (check kafka.brokers and kafka.properties)")?;
     let sink = KafkaSink::new(producer.clone(), &config, metrics.clone());
 
-    let context = SourceContext {
-        tracker: tracker.clone(),
-        metrics: metrics.clone(),
-        topic: config.kafka.input_topic.clone(),
-        revoke_drain_timeout: config.kafka.revoke_drain_timeout,
-    };
-    let consumer: StreamConsumer<SourceContext> = crate::kafka::consumer_config(&config.kafka)
-        .create_with_context(context)
-        .context("creating the Kafka consumer (check kafka.brokers and kafka.properties)")?;
+    let context = SourceContext::new(
+        tracker.clone(),
+        metrics.clone(),
+        config.kafka.input_topic.clone(),
+        config.kafka.revoke_drain_timeout,
+        config.kafka.commit_timeout,
+    );
+    let committer = context.committer.clone();
+    let consumer: Arc<InputConsumer> = Arc::new(
+        crate::kafka::consumer_config(&config.kafka)
+            .create_with_context(context)
+            .context("creating the Kafka consumer (check kafka.brokers and kafka.properties)")?,
+    );
+    committer
+        .start(&consumer)
+        .context("starting the offset commit thread")?;
     consumer
         .subscribe(&[&config.kafka.input_topic])
         .with_context(|| {
@@ -153,36 +188,29 @@ pub async fn start_with_sdk(
     tracing::info!(%metrics_addr, input = %config.kafka.input_topic, group = %config.kafka.group_id,
         endpoint = %config.endpoint.name, mode = ?config.endpoint.mode, "inferstream started");
 
-    let config = Arc::new(config);
-    let task = tokio::spawn({
-        let metrics = metrics.clone();
+    let stop_watch = tokio::spawn({
+        let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
         async move {
-            let (capturer, capture_task) = capture.unzip();
-            let result = run(
-                config, consumer, fetcher, inferrer, sink, alerter, capturer, tracker, metrics,
-                shutdown,
-            )
-            .await;
-            // The capture writer flushes its last buffer once the stages are gone.
-            if let Some(task) = capture_task {
-                if tokio::time::timeout(std::time::Duration::from_secs(30), task)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("data capture did not finish its last write in 30s");
-                }
-            }
-            // Outputs still queued in librdkafka are delivered before we go.
-            let _ = tokio::task::spawn_blocking(move || {
-                use rdkafka::producer::Producer;
-                producer.flush(std::time::Duration::from_secs(10))
-            })
-            .await;
-            http_stop.cancel();
-            let _ = http.await;
-            result
+            shutdown.cancelled().await;
+            tracker.request_stop();
         }
     });
+    let parts = Parts {
+        stop_watch,
+        consumer,
+        committer,
+        producer,
+        fetcher,
+        inferrer,
+        sink,
+        alerter,
+        capture,
+        tracker,
+        metrics: metrics.clone(),
+        http,
+        http_stop,
+    };
+    let task = tokio::spawn(run(Arc::new(config), parts, shutdown));
     Ok(Service {
         metrics_addr,
         metrics,
@@ -190,19 +218,28 @@ pub async fn start_with_sdk(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    config: Arc<Config>,
-    consumer: StreamConsumer<SourceContext>,
-    fetcher: Fetcher,
-    inferrer: Inferrer,
-    sink: KafkaSink,
-    alerter: Option<Alerter>,
-    capturer: Option<Capturer>,
-    tracker: Arc<Tracker>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+/// Time left until `deadline`.
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Parts {
+        stop_watch,
+        consumer,
+        committer,
+        producer,
+        fetcher,
+        inferrer,
+        sink,
+        alerter,
+        capture,
+        tracker,
+        metrics,
+        http,
+        http_stop,
+    } = parts;
+    let (capturer, capture_task) = capture.unzip();
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
     // Fetched images are the large part of what is in flight; only enough
@@ -235,193 +272,599 @@ async fn run(
         capturer,
         out_tx.clone(),
     ));
-    let sinks = tokio::spawn(sink_stage(out_rx, sink, alerter, cap));
+    let sinks = tokio::spawn(sink_stage(
+        out_rx,
+        sink,
+        alerter,
+        cap,
+        config.pipeline.dead_letter_payload_bytes,
+    ));
 
-    source_loop(
-        &consumer, &config, &tracker, &metrics, job_tx, out_tx, &shutdown,
-    )
-    .await;
+    let mut source = Source {
+        consumer: &consumer,
+        committer: &committer,
+        config: &config,
+        tracker: &tracker,
+        metrics: &metrics,
+        permits: Arc::new(Semaphore::new(cap)),
+        job_tx,
+        out_tx,
+        backlog: VecDeque::new(),
+        commit: None,
+        commit_failing_since: None,
+        paused: false,
+    };
+    source.run(&shutdown).await;
+    let commit_in_flight = source.commit.take();
+    drop(source);
+    // A stop for a fatal failure is a shutdown too (main's watchdog
+    // starts on it).
+    tracker.request_stop();
+    shutdown.cancel();
 
-    // Drain: the stages finish in order once the source's senders are gone.
-    let deadline = config.pipeline.shutdown_timeout;
+    // Shutdown, within one budget: drain, then commit what is complete and
+    // leave. The last quarter (at most 5 s) is kept for after the drain.
+    let budget = config.pipeline.shutdown_timeout;
+    // The budget runs from the signal (the source may have been inside a
+    // rebalance callback when it came). What follows the deadline: closing
+    // the consumer (at least half a second) and the runtime's own shutdown
+    // (1 s, main.rs).
+    let began = tracker.stop_requested_at().unwrap_or_else(Instant::now);
+    let deadline = began + budget.saturating_sub(EXIT_MARGIN);
+    let drain_until = deadline - (budget / 4).min(Duration::from_secs(5));
     let drained = {
         let t = tracker.clone();
-        tokio::task::spawn_blocking(move || t.wait_drained(&[], deadline))
+        let wait = left(drain_until);
+        tokio::task::spawn_blocking(move || t.wait_drained(&[], wait, false))
             .await
             .unwrap_or(false)
     };
-    commit(
-        &consumer,
-        &tracker,
-        &metrics,
-        &config.kafka.input_topic,
-        Positions::All,
-    );
-    let left = tracker.pending(&[]);
+    // From here on, work still in flight is abandoned: its offsets stay
+    // uncommitted (and are re-delivered), nothing else is committed.
+    tracker.close();
+    let left_in_flight = tracker.pending(&[]);
+    if let Some(c) = commit_in_flight {
+        // The last periodic commit first, so that the final one is last.
+        if let Ok(Ok(result)) = tokio::time::timeout(left(deadline), c.rx).await {
+            committer.settle(&tracker, &c.positions, result);
+        }
+    }
+    let positions = tracker.positions(&[]);
+    if !positions.is_empty() {
+        let wait = left(deadline).min(config.kafka.commit_timeout);
+        match committer.commit(positions.clone()) {
+            Some(rx) => match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(result)) => committer.settle(&tracker, &positions, result),
+                _ => {
+                    metrics.commit_failures.inc();
+                    tracing::warn!(
+                        ?wait,
+                        "the final offset commit was not answered; uncommitted images will be re-delivered on restart"
+                    );
+                }
+            },
+            None => tracing::warn!("offset committer stopped before the final commit"),
+        }
+    }
+    let stages = [fetch, batch, infer, sinks];
     if drained {
         tracing::info!("drained; offsets committed");
-        for t in [fetch, batch, infer, sinks] {
-            let _ = t.await;
+        // Their inputs are closed and empty: they end at once.
+        for mut t in stages {
+            if tokio::time::timeout(left(deadline), &mut t).await.is_err() {
+                t.abort();
+            }
         }
     } else {
         tracing::warn!(
-            in_flight = left,
+            in_flight = left_in_flight,
             "shutdown deadline passed; uncommitted images will be re-delivered on restart"
         );
-        for t in [fetch, batch, infer, sinks] {
+        for t in &stages {
             t.abort();
         }
+        for t in stages {
+            let _ = t.await;
+        }
     }
+    // The capture writer flushes its last buffer once the stages are gone.
+    if let Some(task) = capture_task {
+        if tokio::time::timeout(left(deadline), task).await.is_err() {
+            tracing::warn!(
+                "data capture did not finish its last write within pipeline.shutdown_timeout"
+            );
+        }
+    }
+    // Outputs still queued in librdkafka (of abandoned work) go out if
+    // they can; their offsets are not committed either way.
+    let flush_for = left(deadline);
+    let _ = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer;
+        producer.flush(flush_for)
+    })
+    .await;
+    // Leave the group: the commit thread holds the consumer, so it ends
+    // first; closing runs the last revocation (which commits, without
+    // waiting) and the LeaveGroup.
+    if let Some(worker) = committer.stop() {
+        let _ = tokio::time::timeout(
+            left(deadline),
+            tokio::task::spawn_blocking(move || worker.join()),
+        )
+        .await;
+    }
+    drop(committer);
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(left(deadline).max(Duration::from_millis(500)), close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the Kafka consumer outlasted pipeline.shutdown_timeout");
+    }
+    // The metrics server waits for open connections; one that never sends
+    // its request must not hold the exit.
+    http_stop.cancel();
+    let mut http = http;
+    if tokio::time::timeout(Duration::from_secs(1), &mut http)
+        .await
+        .is_err()
+    {
+        http.abort();
+    }
+    stop_watch.abort();
     match tracker.fatal_reason() {
         Some(reason) => Err(anyhow::anyhow!(reason)),
         None => Ok(()),
     }
 }
 
+/// The part of `pipeline.shutdown_timeout` kept for leaving the group and
+/// the process's exit.
+const EXIT_MARGIN: Duration = Duration::from_millis(1500);
+
 /// How long the pipeline may stay at its in-flight limit before the input
 /// partitions are paused.
-const PAUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+/// An offset commit unanswered this many times `kafka.commit_timeout` stops
+/// the service (a restart reconnects); until then consumption goes on.
+const COMMIT_STUCK_FACTOR: u32 = 6;
 
-async fn source_loop(
-    consumer: &StreamConsumer<SourceContext>,
-    config: &Config,
-    tracker: &Arc<Tracker>,
-    metrics: &Metrics,
+/// A consumed message whose outputs are not all handed on yet.
+struct Pending {
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    source: SourceRef,
+    payload: Payload,
+    /// Images and rejections still to hand on (skips are counted at once).
+    outcomes: VecDeque<Outcome>,
+    images: usize,
+    /// In-flight permits the message needs: one per output.
+    outputs: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    ack: Option<Ack>,
+    consumed: Instant,
+}
+
+/// What the source waits for before it can hand on the next output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blocked {
+    Permits(u32),
+    Jobs,
+    Outputs,
+}
+
+/// What woke the source loop.
+enum Event {
+    Stop,
+    Committed(Option<KafkaResult<()>>),
+    Tick,
+    Permit(Option<OwnedSemaphorePermit>),
+    Room,
+    Pause,
+    Message(KafkaResult<(i32, i64, Option<Bytes>)>),
+}
+
+struct CommitInFlight {
+    positions: Vec<(i32, i64)>,
+    rx: tokio::sync::oneshot::Receiver<KafkaResult<()>>,
+    since: Instant,
+    warned: bool,
+}
+
+/// The source loop: consume, decode, hand images and rejections on, commit.
+struct Source<'a> {
+    consumer: &'a Arc<InputConsumer>,
+    committer: &'a Committer,
+    config: &'a Config,
+    tracker: &'a Arc<Tracker>,
+    metrics: &'a Metrics,
+    permits: Arc<Semaphore>,
     job_tx: mpsc::Sender<Job>,
     out_tx: mpsc::Sender<(Output, Ack)>,
-    shutdown: &CancellationToken,
-) {
-    let topic = config.kafka.input_topic.as_str();
-    let cap = config.pipeline.max_in_flight;
-    let permits = Arc::new(Semaphore::new(cap));
-    let mut tick = tokio::time::interval(config.kafka.commit_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut paused = false;
-    loop {
-        // At the in-flight limit, consumption waits. A short wait is the
-        // normal state of a saturated pipeline (permits come back every few
-        // milliseconds) and costs nothing: librdkafka keeps prefetching up
-        // to its queue limits. Only a long one (the endpoint is down)
-        // pauses the partitions, so that the consumer can go on being
-        // polled (group membership, rebalances) without receiving. Pausing
-        // drops librdkafka's prefetched messages, so doing it on every
-        // saturation would cap throughput at a fetch round trip per
-        // `max_in_flight` images.
-        if permits.available_permits() == 0 && !paused {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = tracker.fatal().cancelled() => break,
-                _ = tick.tick() => {
-                    commit(consumer, tracker, metrics, topic, Positions::Changed);
-                    continue;
+    backlog: VecDeque<Pending>,
+    commit: Option<CommitInFlight>,
+    /// Since when every commit answered has failed.
+    commit_failing_since: Option<Instant>,
+    paused: bool,
+}
+
+async fn answer(c: &mut Option<CommitInFlight>) -> Option<KafkaResult<()>> {
+    match c {
+        Some(c) => (&mut c.rx).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+impl Source<'_> {
+    /// Runs until `shutdown` or a fatal failure. Whatever it waits for
+    /// (in-flight permits, room downstream) it keeps polling the consumer,
+    /// so that the group never evicts it (`max.poll.interval.ms`) and
+    /// rebalances are served; after [`PAUSE_AFTER`] of waiting the
+    /// partitions are paused, so that polling returns nothing meanwhile.
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.kafka.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut blocked_since: Option<tokio::time::Instant> = None;
+        loop {
+            self.forget_revoked();
+            let blocked = self.dispatch();
+            match blocked {
+                None => {
+                    blocked_since = None;
+                    if self.paused {
+                        self.set_paused(false);
+                        tracing::debug!("in-flight limit freed; partitions resumed");
+                    }
                 }
-                _ = permits.acquire() => continue,
-                _ = tokio::time::sleep(PAUSE_AFTER) => {
-                    set_paused(consumer, true);
-                    paused = true;
-                    tracing::debug!("in-flight limit reached for {PAUSE_AFTER:?}; partitions paused");
+                Some(_) => {
+                    blocked_since.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
-        } else if paused {
-            // Paused partitions may be re-assigned unpaused; keep them paused
-            // until there is room.
-            let full = permits.available_permits() == 0;
-            set_paused(consumer, full);
-            if !full {
-                paused = false;
-                tracing::debug!("in-flight limit freed; partitions resumed");
+            let want_permits = match blocked {
+                Some(Blocked::Permits(n)) => n,
+                _ => 0,
+            };
+            let pause_at = blocked_since.map(|t| t + PAUSE_AFTER);
+            // A short wait is the normal state of a saturated pipeline
+            // (permits come back every few milliseconds): librdkafka keeps
+            // prefetching meanwhile, and pausing (which drops the prefetched
+            // messages) on every saturation would cap throughput at a fetch
+            // round trip per `max_in_flight` images. A long one pauses, and
+            // the consumer is polled all along.
+            let poll = blocked.is_none() || self.paused;
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::Stop,
+                _ = self.tracker.fatal().cancelled() => Event::Stop,
+                result = answer(&mut self.commit), if self.commit.is_some() => Event::Committed(result),
+                _ = tick.tick() => Event::Tick,
+                permit = self.permits.clone().acquire_many_owned(want_permits.max(1)), if want_permits > 0 => {
+                    Event::Permit(permit.ok())
+                }
+                _ = self.job_tx.reserve(), if blocked == Some(Blocked::Jobs) => Event::Room,
+                _ = self.out_tx.reserve(), if blocked == Some(Blocked::Outputs) => Event::Room,
+                _ = sleep_until(pause_at), if pause_at.is_some() && !self.paused => Event::Pause,
+                msg = self.consumer.recv(), if poll => Event::Message(msg.map(|m| {
+                    (m.partition(), m.offset(), m.payload().map(Bytes::copy_from_slice))
+                })),
+            };
+            match event {
+                Event::Stop => break,
+                Event::Committed(result) => {
+                    if let Some(c) = self.commit.take() {
+                        match result {
+                            Some(r) => {
+                                let ok = r.is_ok();
+                                self.committer.settle(self.tracker, &c.positions, r);
+                                if ok {
+                                    self.commit_failing_since = None;
+                                } else {
+                                    self.commit_failed();
+                                }
+                            }
+                            None => {
+                                for (p, _) in &c.positions {
+                                    self.tracker.resend(*p);
+                                }
+                            }
+                        }
+                    }
+                }
+                Event::Tick => self.commit_tick(),
+                Event::Permit(permit) => {
+                    if let (Some(permit), Some(front)) = (permit, self.backlog.front_mut()) {
+                        front.permit = Some(permit);
+                    }
+                }
+                Event::Room => {}
+                Event::Pause => {
+                    self.set_paused(true);
+                    tracing::debug!("waiting for room in flight for {PAUSE_AFTER:?}; partitions paused, still polling");
+                }
+                Event::Message(Ok((partition, offset, payload))) => {
+                    self.consumed(partition, offset, payload)
+                }
+                Event::Message(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                    // The client will not consume again (e.g. a static
+                    // member fenced by another with the same instance id).
+                    tracing::error!(error = %e, "fatal Kafka consumer error; stopping");
+                    self.tracker.fail_pipeline(format!(
+                        "fatal Kafka consumer error: {e} (check kafka.instance_id is unique)"
+                    ));
+                }
+                Event::Message(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             }
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = tracker.fatal().cancelled() => break,
-            _ = tick.tick() => commit(consumer, tracker, metrics, topic, Positions::Changed),
-            _ = permits.acquire(), if paused => {}
-            msg = consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "kafka consumer error");
+        // Stop fetching; what was consumed and not handed on is abandoned
+        // (its offsets stay uncommitted).
+        for mut p in self.backlog.drain(..) {
+            if let Some(ack) = p.ack.take() {
+                ack.abandon();
+            }
+        }
+        self.set_paused(true);
+    }
+
+    /// A commit was answered with an error. Commits that keep failing
+    /// (an authorisation error, an offsets topic below its minimum
+    /// replicas) would let completed work pile up uncommitted without
+    /// bound, and with it the duplicates a crash causes: past
+    /// [`COMMIT_STUCK_FACTOR`] × `kafka.commit_timeout` the service stops.
+    fn commit_failed(&mut self) {
+        let since = *self.commit_failing_since.get_or_insert_with(Instant::now);
+        let limit = self.config.kafka.commit_timeout * COMMIT_STUCK_FACTOR;
+        if since.elapsed() > limit {
+            self.tracker.fail_pipeline(format!(
+                "offset commits have failed for {}; stopping so that completed work is not left uncommitted without bound",
+                humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+            ));
+        }
+    }
+
+    fn commit_tick(&mut self) {
+        match &mut self.commit {
+            None => {
+                let positions = self.tracker.positions_to_commit();
+                if positions.is_empty() {
+                    return;
+                }
+                match self.committer.commit(positions.clone()) {
+                    Some(rx) => {
+                        self.commit = Some(CommitInFlight {
+                            positions,
+                            rx,
+                            since: Instant::now(),
+                            warned: false,
+                        })
+                    }
+                    None => {
+                        for (p, _) in positions {
+                            self.tracker.resend(p);
+                        }
+                    }
+                }
+            }
+            Some(c) => {
+                let waited = c.since.elapsed();
+                let limit = self.config.kafka.commit_timeout;
+                if waited > limit && !c.warned {
+                    c.warned = true;
+                    self.metrics.commit_failures.inc();
+                    tracing::warn!(?waited, "offset commit unanswered past kafka.commit_timeout (group coordinator unreachable?); consumption goes on, commits wait");
+                }
+                if waited > limit * COMMIT_STUCK_FACTOR {
+                    self.tracker.fail_pipeline(format!(
+                        "an offset commit has not been answered in {}; stopping so that a restart reconnects (nothing uncommitted is lost)",
+                        humantime::format_duration(Duration::from_secs(waited.as_secs()))
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A message arrived: decode it and queue it for [`Source::dispatch`].
+    fn consumed(&mut self, partition: i32, offset: i64, payload: Option<Bytes>) {
+        self.metrics.events_consumed.inc();
+        let Some(epoch) = self.tracker.epoch(partition) else {
+            tracing::debug!(
+                partition,
+                offset,
+                "message of a partition not assigned here; left to its owner"
+            );
+            return;
+        };
+        let pipeline = &self.config.pipeline;
+        let outcomes = decode_limited(
+            payload.as_deref(),
+            &self.config.filter,
+            pipeline.max_records_per_message,
+        );
+        let mut kept = VecDeque::with_capacity(outcomes.len());
+        let mut images = 0;
+        for o in outcomes {
+            match o {
+                Outcome::Skip(reason) => {
+                    self.metrics
+                        .records_skipped
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
+                }
+                Outcome::Image(_) => {
+                    images += 1;
+                    kept.push_back(o);
+                }
+                Outcome::Reject(_) => kept.push_back(o),
+            }
+        }
+        self.backlog.push_back(Pending {
+            partition,
+            offset,
+            epoch,
+            source: SourceRef {
+                topic: self.config.kafka.input_topic.clone(),
+                partition,
+                offset,
+            },
+            payload: Payload::new(
+                payload.unwrap_or_default(),
+                pipeline.dead_letter_payload_bytes,
+            ),
+            outputs: kept.len(),
+            outcomes: kept,
+            images,
+            permit: None,
+            ack: None,
+            consumed: Instant::now(),
+        });
+    }
+
+    /// Drops messages of partitions revoked (or re-assigned) since they
+    /// arrived: their new owner consumes them again.
+    fn forget_revoked(&mut self) {
+        let tracker = self.tracker;
+        self.backlog.retain_mut(|p| {
+            if tracker.epoch(p.partition) == Some(p.epoch) {
+                return true;
+            }
+            if let Some(ack) = p.ack.take() {
+                ack.abandon();
+            }
+            false
+        });
+    }
+
+    /// Hands on as many outputs as there is room for, without waiting.
+    fn dispatch(&mut self) -> Option<Blocked> {
+        let cap = self.config.pipeline.max_in_flight;
+        while let Some(front) = self.backlog.front_mut() {
+            if front.ack.is_none() {
+                let permit = match (front.outputs, front.permit.take()) {
+                    (0, _) => None,
+                    (_, Some(p)) => Some(p),
+                    (n, None) => {
+                        let want = n.min(cap) as u32;
+                        match self.permits.clone().try_acquire_many_owned(want) {
+                            Ok(p) => Some(p),
+                            Err(_) => return Some(Blocked::Permits(want)),
+                        }
+                    }
+                };
+                match self.tracker.begin(
+                    front.partition,
+                    front.offset,
+                    front.epoch,
+                    front.images,
+                    permit,
+                ) {
+                    Some(ack) => front.ack = Some(ack),
+                    None => {
+                        tracing::debug!(
+                            partition = front.partition,
+                            offset = front.offset,
+                            "message of a partition no longer assigned here; left to its new owner"
+                        );
+                        self.backlog.pop_front();
                         continue;
                     }
-                };
-                let partition = msg.partition();
-                let offset = msg.offset();
-                let payload = msg.payload().map(Bytes::copy_from_slice);
-                drop(msg);
-                metrics.events_consumed.inc();
-                let source = SourceRef { topic: topic.to_string(), partition, offset };
-                let outcomes = decode(payload.as_deref(), &config.filter);
-                let images = outcomes.iter().filter(|o| matches!(o, Outcome::Image(_))).count();
-                let permit = if images > 0 {
-                    let want = images.min(cap) as u32;
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => break,
-                        p = permits.clone().acquire_many_owned(want) => p.ok(),
-                    }
-                } else {
-                    None
-                };
-                let Some(ack) = tracker.begin(partition, offset, images, permit) else {
-                    tracing::debug!(partition, offset, "message of a partition no longer assigned here; left to its new owner");
-                    continue;
-                };
-                let payload = payload.unwrap_or_default();
-                for outcome in outcomes {
-                    match outcome {
-                        Outcome::Image(image) => {
-                            let job = Job { image, ack: ack.clone(), source: source.clone(), payload: payload.clone(), consumed: Instant::now() };
-                            if job_tx.send(job).await.is_err() {
-                                return;
-                            }
+                }
+            }
+            let Some(ack) = front.ack.as_ref() else {
+                self.backlog.pop_front();
+                continue;
+            };
+            while let Some(outcome) = front.outcomes.pop_front() {
+                match outcome {
+                    Outcome::Image(image) => match self.job_tx.try_reserve() {
+                        Ok(slot) => slot.send(Job {
+                            image,
+                            ack: ack.clone(),
+                            source: front.source.clone(),
+                            payload: front.payload.clone(),
+                            consumed: front.consumed,
+                        }),
+                        Err(_) => {
+                            front.outcomes.push_front(Outcome::Image(image));
+                            return Some(Blocked::Jobs);
                         }
-                        Outcome::Skip(reason) => {
-                            metrics.records_skipped.with_label_values(&[reason.as_str()]).inc();
+                    },
+                    Outcome::Reject(r) => match self.out_tx.try_reserve() {
+                        Ok(slot) => {
+                            tracing::info!(partition = front.partition, offset = front.offset,
+                                reason = r.reason.as_str(), detail = %crate::record::truncate_str(&r.detail, 300), "event rejected");
+                            let dl = DeadLetter::new(
+                                r.reason,
+                                r.detail,
+                                r.bucket,
+                                r.key,
+                                &front.payload,
+                                front.source.clone(),
+                            );
+                            slot.send((Output::DeadLetter(Box::new(dl)), ack.clone()));
                         }
-                        Outcome::Reject(r) => {
-                            tracing::info!(partition, offset, reason = r.reason.as_str(), detail = %r.detail, "event rejected");
-                            let dl = DeadLetter::new(r.reason, r.detail, r.bucket, r.key, Some(&payload), source.clone());
-                            if out_tx.send((Output::DeadLetter(Box::new(dl)), ack.clone())).await.is_err() {
-                                return;
-                            }
+                        Err(_) => {
+                            front.outcomes.push_front(Outcome::Reject(r));
+                            return Some(Blocked::Outputs);
                         }
-                    }
+                    },
+                    Outcome::Skip(_) => {}
+                }
+            }
+            // Every output is on its way: the source's own handle is done.
+            if let Some(mut p) = self.backlog.pop_front() {
+                if let Some(ack) = p.ack.take() {
+                    ack.done();
                 }
             }
         }
+        None
     }
-    set_paused(consumer, true);
+
+    fn set_paused(&mut self, pause: bool) {
+        self.paused = pause;
+        self.consumer
+            .context()
+            .paused
+            .store(pause, Ordering::SeqCst);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        if assignment.count() == 0 {
+            return;
+        }
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, pause, "pause/resume failed");
+        }
+    }
 }
 
-fn set_paused(consumer: &StreamConsumer<SourceContext>, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    if assignment.count() == 0 {
-        return;
-    }
-    let result = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, pause, "pause/resume failed");
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
-fn dead_letter(job: &Job, reason: DeadLetterReason, detail: String) -> Output {
-    tracing::info!(bucket = %job.image.bucket, key = %job.image.key, reason = reason.as_str(), %detail, "dead letter");
+fn dead_letter(
+    image: &ImageRef,
+    source: SourceRef,
+    payload: &Payload,
+    reason: DeadLetterReason,
+    detail: String,
+) -> Output {
+    tracing::info!(bucket = %image.bucket, key = %image.key, reason = reason.as_str(), %detail, "dead letter");
     Output::DeadLetter(Box::new(DeadLetter::new(
         reason,
         detail,
-        Some(job.image.bucket.clone()),
-        Some(job.image.key.clone()),
-        Some(&job.payload),
-        job.source.clone(),
+        Some(image.bucket.clone()),
+        Some(image.key.clone()),
+        payload,
+        source,
     )))
 }
 
@@ -432,35 +875,46 @@ async fn fetch_stage(
     batch_tx: mpsc::Sender<(FetchedJob, u64)>,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
-    futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-        .map(|job| {
-            let fetcher = &fetcher;
-            async move {
-                let result = fetcher.fetch(&job.image).await;
-                (job, result)
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .for_each(|(job, result)| {
-            let batch_tx = &batch_tx;
-            let out_tx = &out_tx;
-            async move {
-                match result {
-                    Ok(fetched) => {
-                        let size = fetched.body.len() as u64;
-                        let _ = batch_tx.send((FetchedJob { job, fetched }, size)).await;
-                    }
-                    Err(e) => {
-                        let ack = job.ack.clone();
-                        let _ = out_tx
-                            .send((dead_letter(&job, e.reason, e.detail), ack))
-                            .await;
+    // Each GetObject is a task: its deadline (fetch.timeout) runs while it
+    // runs, not while this stage waits for the batcher.
+    let mut running: JoinSet<(Job, Result<Fetched, FetchError>)> = JoinSet::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            done = running.join_next(), if !running.is_empty() => match done {
+                Some(Ok((job, Ok(fetched)))) => {
+                    let size = fetched.body.len() as u64;
+                    if batch_tx.send((FetchedJob { job, fetched }, size)).await.is_err() {
+                        return;
                     }
                 }
-            }
-        })
-        .await;
+                Some(Ok((job, Err(e)))) => {
+                    let Job { image, ack, source, payload, .. } = job;
+                    let output = dead_letter(&image, source, &payload, e.reason, e.detail);
+                    if out_tx.send((output, ack)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "a fetch task failed"),
+                None => {}
+            },
+            job = rx.recv(), if open && running.len() < concurrency.max(1) => match job {
+                Some(job) => {
+                    let fetcher = fetcher.clone();
+                    running.spawn(async move {
+                        let result = fetcher.fetch(&job.image).await;
+                        (job, result)
+                    });
+                }
+                None => open = false,
+            },
+            else => break,
+        }
+    }
 }
+
+type Inferred = (Vec<FetchedJob>, Vec<Result<Inference, InferError>>);
 
 async fn infer_stage(
     mut rx: mpsc::Receiver<Vec<FetchedJob>>,
@@ -471,61 +925,75 @@ async fn infer_stage(
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
     // One batch more than calls allowed: it builds its request while
-    // waiting for a call slot, so the endpoint never waits for that.
-    let batches = config.endpoint.concurrency.max(1) + 1;
-    futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-        .map(|batch| {
-            let inferrer = &inferrer;
-            async move {
-                let inputs: Vec<Input<'_>> = batch
-                    .iter()
-                    .map(|f| Input {
-                        body: &f.fetched.body,
-                        kind: f.fetched.kind,
-                    })
-                    .collect();
-                let results = inferrer.infer(&inputs).await;
-                drop(inputs);
-                (batch, results)
-            }
-        })
-        .buffer_unordered(batches)
-        .for_each(|(batch, results)| {
-            let out_tx = &out_tx;
-            let config = &config;
-            let metrics = &metrics;
-            let capturer = capturer.as_ref();
-            async move {
-                for (item, result) in batch.into_iter().zip(results) {
-                    let ack = item.job.ack.clone();
-                    let (kind, body) = (item.fetched.kind, item.fetched.body.clone());
-                    let output = to_output(item, result, config, metrics);
-                    if let (Some(c), Output::Prediction(p)) = (capturer, &output) {
-                        if c.sampled() {
-                            let input = c
-                                .captures_input()
-                                .then(|| (kind.content_type(), body.as_ref()));
-                            c.send(CaptureLine::new(p, input)).await;
+    // waiting for a call slot, so the endpoint never waits for that. Each
+    // is a task: calls keep running (and their deadlines mean what they
+    // say) while this stage waits to hand results on.
+    let slots = config.endpoint.concurrency.max(1) + 1;
+    let mut running: JoinSet<Inferred> = JoinSet::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            done = running.join_next(), if !running.is_empty() => match done {
+                Some(Ok((batch, results))) => {
+                    for (item, result) in batch.into_iter().zip(results) {
+                        let FetchedJob { job, fetched } = item;
+                        let Job { image, ack, source, payload, consumed } = job;
+                        let output = match result {
+                            Ok(inference) => {
+                                let p = prediction(image, source, consumed, &fetched, inference, &config, &metrics);
+                                if let Some(c) = &capturer {
+                                    if c.sampled() {
+                                        let input = c
+                                            .captures_input()
+                                            .then(|| (fetched.kind.content_type(), fetched.body.as_ref()));
+                                        c.offer(CaptureLine::new(&p, input));
+                                    }
+                                }
+                                Output::Prediction(Box::new(p))
+                            }
+                            Err(e) => dead_letter(&image, source, &payload, e.reason, e.detail),
+                        };
+                        if out_tx.send((output, ack)).await.is_err() {
+                            return;
                         }
                     }
-                    let _ = out_tx.send((output, ack)).await;
                 }
-            }
-        })
-        .await;
+                Some(Err(e)) => tracing::error!(error = %e, "an inference task failed"),
+                None => {}
+            },
+            batch = rx.recv(), if open && running.len() < slots => match batch {
+                Some(batch) => {
+                    let inferrer = inferrer.clone();
+                    running.spawn(async move {
+                        let inputs: Vec<Input<'_>> = batch
+                            .iter()
+                            .map(|f| Input {
+                                body: &f.fetched.body,
+                                kind: f.fetched.kind,
+                            })
+                            .collect();
+                        let results = inferrer.infer(&inputs).await;
+                        drop(inputs);
+                        (batch, results)
+                    });
+                }
+                None => open = false,
+            },
+            else => break,
+        }
+    }
 }
 
-fn to_output(
-    item: FetchedJob,
-    result: Result<Inference, InferError>,
+fn prediction(
+    image: ImageRef,
+    source: SourceRef,
+    consumed: Instant,
+    fetched: &Fetched,
+    inference: Inference,
     config: &Config,
     metrics: &Metrics,
-) -> Output {
-    let FetchedJob { job, fetched } = item;
-    let inference = match result {
-        Ok(i) => i,
-        Err(e) => return dead_letter(&job, e.reason, e.detail),
-    };
+) -> Prediction {
     let routed = crate::route::route(&inference.scores, config);
     let labels = &config.endpoint.labels;
     let label = labels.get(routed.label).cloned().unwrap_or_default();
@@ -542,9 +1010,8 @@ fn to_output(
         .cloned()
         .zip(inference.scores.iter().copied())
         .collect();
-    let ms = |d: std::time::Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
-    let image = job.image;
-    Output::Prediction(Box::new(Prediction {
+    let ms = |d: Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
+    Prediction {
         schema: PREDICTION_SCHEMA.to_string(),
         id: image_id(&image, fetched.etag.as_deref()),
         size: fetched.body.len() as u64,
@@ -566,16 +1033,17 @@ fn to_output(
         latency_ms: Latency {
             fetch: ms(fetched.duration),
             infer: ms(inference.duration),
-            total: ms(job.consumed.elapsed()),
+            total: ms(consumed.elapsed()),
         },
-        source: job.source,
-    }))
+        source,
+    }
 }
 
 async fn deliver(
     output: Output,
     sink: &KafkaSink,
     alerter: Option<&Alerter>,
+    payload_cap: usize,
 ) -> Result<(), String> {
     match output {
         Output::DeadLetter(d) => sink.dead_letter(&d).await,
@@ -586,12 +1054,13 @@ async fn deliver(
                     record?;
                     if let Err(detail) = alert {
                         tracing::warn!(id = %p.id, %detail, "alert failed; dead-lettered");
+                        let json = Bytes::from(serde_json::to_vec(&p).unwrap_or_default());
                         let d = DeadLetter::new(
                             DeadLetterReason::AlertFailed,
                             detail,
                             Some(p.bucket.clone()),
                             Some(p.key.clone()),
-                            serde_json::to_vec(&p).ok().as_deref(),
+                            &Payload::new(json, payload_cap),
                             p.source.clone(),
                         );
                         sink.dead_letter(&d).await?;
@@ -609,17 +1078,20 @@ async fn sink_stage(
     sink: KafkaSink,
     alerter: Option<Alerter>,
     concurrency: usize,
+    payload_cap: usize,
 ) {
     futures::stream::poll_fn(|cx| rx.poll_recv(cx))
         .map(|(output, ack)| {
             let sink = &sink;
             let alerter = alerter.as_ref();
             async move {
-                if let Err(e) = deliver(output, sink, alerter).await {
-                    tracing::error!(partition = ack.partition(), offset = ack.offset(), error = %e, "output not durable; stopping so that a restart re-delivers it");
-                    ack.fail(&e);
+                match deliver(output, sink, alerter, payload_cap).await {
+                    Ok(()) => ack.done(),
+                    Err(e) => {
+                        tracing::error!(partition = ack.partition(), offset = ack.offset(), error = %e, "output not durable; stopping so that a restart re-delivers it");
+                        ack.fail(&e);
+                    }
                 }
-                drop(ack);
             }
         })
         .buffer_unordered(concurrency.max(1))

@@ -74,12 +74,111 @@ pub struct DeadLetter {
     pub detail: String,
     pub bucket: Option<String>,
     pub key: Option<String>,
-    /// The original message, as UTF-8 when it is, else base64.
+    /// The original message (its first `pipeline.dead_letter_payload_bytes`
+    /// when longer), as UTF-8 when it is, else base64.
     pub payload: String,
     /// "utf-8" or "base64".
     pub payload_encoding: String,
+    /// Size of the whole original message.
+    #[serde(default)]
+    pub payload_bytes: usize,
+    /// SHA-256 of the whole original message, hex.
+    #[serde(default)]
+    pub payload_sha256: String,
+    /// True when `payload` holds only the first bytes of the message.
+    #[serde(default)]
+    pub payload_truncated: bool,
     pub source: SourceRef,
     pub failed_at: String,
+}
+
+/// Longest `detail` of a dead letter, in bytes.
+pub const MAX_DETAIL: usize = 2048;
+/// Longest `bucket` or `key` a dead letter carries, in bytes.
+pub const MAX_OBJECT_NAME: usize = 1024;
+/// Room for everything in a dead letter but its payload (fields at their
+/// caps, six-fold JSON escaping, the Kafka key and record framing).
+const DEAD_LETTER_OVERHEAD: usize =
+    6 * (MAX_DETAIL + 2 * MAX_OBJECT_NAME) + 2 * MAX_OBJECT_NAME + 8192;
+
+/// The largest dead-letter record (JSON value plus key) made with payloads
+/// cut at `payload_cap` bytes: JSON escapes a control character in six.
+pub fn max_dead_letter_bytes(payload_cap: usize) -> usize {
+    payload_cap
+        .saturating_mul(6)
+        .saturating_add(DEAD_LETTER_OVERHEAD)
+}
+
+/// The largest payload cap whose dead letters fit in `message_max` bytes.
+pub fn max_dead_letter_payload(message_max: usize) -> usize {
+    message_max.saturating_sub(DEAD_LETTER_OVERHEAD) / 6
+}
+
+/// An input message as dead letters carry it: the whole message when it is
+/// at most the cap, else a copy of its first bytes with its size and hash
+/// (so that a message of a megabyte does not stay in memory with every
+/// image it announced).
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    head: bytes::Bytes,
+    len: usize,
+    /// Computed up front only for cut payloads (the rest are hashed when a
+    /// dead letter is made).
+    sha256: Option<std::sync::Arc<str>>,
+}
+
+impl Payload {
+    pub fn new(bytes: bytes::Bytes, cap: usize) -> Payload {
+        if bytes.len() <= cap {
+            return Payload {
+                len: bytes.len(),
+                head: bytes,
+                sha256: None,
+            };
+        }
+        Payload {
+            len: bytes.len(),
+            sha256: Some(sha256_hex(&bytes).into()),
+            head: bytes::Bytes::copy_from_slice(&bytes[..cap]),
+        }
+    }
+
+    /// Size of the whole message.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes kept (all of them unless [`Payload::is_truncated`]).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.head.len() < self.len
+    }
+
+    pub fn sha256(&self) -> String {
+        match &self.sha256 {
+            Some(h) => h.to_string(),
+            None => sha256_hex(&self.head),
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, marked with `…`.
+pub fn truncate_str(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// The stable id of an image: `bucket/key@version`, else `@etag`.
@@ -98,39 +197,74 @@ pub fn kafka_key(bucket: &str, key: &str) -> String {
     format!("{bucket}/{key}")
 }
 
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 impl DeadLetter {
+    /// A dead letter for `payload`; every field is capped so that the
+    /// record fits [`max_dead_letter_bytes`] of the payload's cap.
     pub fn new(
         reason: DeadLetterReason,
         detail: impl Into<String>,
         bucket: Option<String>,
         key: Option<String>,
-        payload: Option<&[u8]>,
+        payload: &Payload,
         source: SourceRef,
     ) -> DeadLetter {
-        let payload = payload.unwrap_or_default();
-        let (payload, payload_encoding) = match std::str::from_utf8(payload) {
+        let head = payload.head();
+        let (text, payload_encoding) = match std::str::from_utf8(head) {
             Ok(s) => (s.to_string(), "utf-8"),
+            // A cut in the middle of a character: keep the whole ones.
+            Err(e) if payload.is_truncated() && e.error_len().is_none() => (
+                String::from_utf8_lossy(&head[..e.valid_up_to()]).into_owned(),
+                "utf-8",
+            ),
             Err(_) => (
-                base64::engine::general_purpose::STANDARD.encode(payload),
+                base64::engine::general_purpose::STANDARD.encode(head),
                 "base64",
             ),
         };
+        let detail: String = detail.into();
         DeadLetter {
             schema: DEADLETTER_SCHEMA.to_string(),
             reason: reason.as_str().to_string(),
-            detail: detail.into(),
-            bucket,
-            key,
-            payload,
+            detail: truncate_str(&detail, MAX_DETAIL),
+            bucket: bucket.map(|b| truncate_str(&b, MAX_OBJECT_NAME)),
+            key: key.map(|k| truncate_str(&k, MAX_OBJECT_NAME)),
+            payload: text,
             payload_encoding: payload_encoding.to_string(),
+            payload_bytes: payload.len(),
+            payload_sha256: payload.sha256(),
+            payload_truncated: payload.is_truncated(),
             source,
             failed_at: now_rfc3339(),
         }
+    }
+
+    /// The same dead letter without its payload, for when even the capped
+    /// record is refused by Kafka (a topic with a smaller limit).
+    pub fn without_payload(&self, why: &str) -> DeadLetter {
+        let mut d = self.clone();
+        d.payload = String::new();
+        d.payload_truncated = d.payload_bytes > 0;
+        d.detail = truncate_str(
+            &format!("{} (payload left out: {why})", d.detail),
+            MAX_DETAIL + 200,
+        );
+        d
     }
 }
 
@@ -160,6 +294,41 @@ mod tests {
     }
 
     #[test]
+    fn long_payloads_are_cut_with_their_size_and_hash() {
+        let src = SourceRef {
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+        };
+        // Six-fold escaping, base64, and a cut inside a character.
+        let cases: Vec<Vec<u8>> = vec![
+            vec![1u8; 200_000],
+            vec![0xffu8; 750_000],
+            "é".repeat(100_000).into_bytes(),
+        ];
+        for raw in cases {
+            let p = Payload::new(bytes::Bytes::from(raw.clone()), 1001);
+            let d = DeadLetter::new(
+                DeadLetterReason::MalformedEvent,
+                "x".repeat(10_000),
+                Some("b".repeat(5000)),
+                Some("k".repeat(5000)),
+                &p,
+                src.clone(),
+            );
+            assert!(d.payload_truncated);
+            assert_eq!(d.payload_bytes, raw.len());
+            assert_eq!(d.payload_sha256, sha256_hex(&raw));
+            let json = serde_json::to_vec(&d).unwrap();
+            assert!(json.len() <= max_dead_letter_bytes(1001), "{}", json.len());
+            assert!(d.detail.len() <= MAX_DETAIL && d.key.unwrap().len() <= MAX_OBJECT_NAME);
+        }
+        let p = Payload::new(bytes::Bytes::from_static(b"{}"), 1001);
+        assert!(!p.is_truncated());
+        assert_eq!(p.sha256(), sha256_hex(b"{}"));
+    }
+
+    #[test]
     fn binary_payloads_are_base64() {
         let src = SourceRef {
             topic: "t".into(),
@@ -171,7 +340,7 @@ mod tests {
             "x",
             None,
             None,
-            Some(b"\xff\x00"),
+            &Payload::new(bytes::Bytes::from_static(b"\xff\x00"), 100),
             src.clone(),
         );
         assert_eq!(d.payload_encoding, "base64");
@@ -181,7 +350,7 @@ mod tests {
             "x",
             None,
             None,
-            Some(b"{}"),
+            &Payload::new(bytes::Bytes::from_static(b"{}"), 100),
             src,
         );
         assert_eq!(d.payload, "{}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sns::types::MessageAttributeValue;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
@@ -17,6 +18,12 @@ use crate::record::{kafka_key, DeadLetter, Decision, Prediction};
 
 /// SNS subjects must be shorter than 100 characters, ASCII, on one line.
 pub const MAX_SUBJECT: usize = 99;
+
+struct SendError {
+    /// Kafka refused the record for its size; retrying cannot help.
+    too_large: bool,
+    detail: String,
+}
 
 /// Writes output records to Kafka.
 #[derive(Clone)]
@@ -39,11 +46,20 @@ impl KafkaSink {
         }
     }
 
-    async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), String> {
+    async fn send(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), SendError> {
         let record = FutureRecord::to(topic).key(key).payload(payload);
         match self.producer.send(record, Timeout::Never).await {
             Ok(_) => Ok(()),
-            Err((e, _)) => Err(format!("producing to {topic} failed: {e}")),
+            Err((e, _)) => Err(SendError {
+                too_large: matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::MessageBatchTooLarge
+                    )
+                ),
+                detail: format!("producing to {topic} failed: {e}"),
+            }),
         }
     }
 
@@ -54,12 +70,15 @@ impl KafkaSink {
             Decision::Review => &self.review_topic,
         };
         let json = serde_json::to_vec(p).map_err(|e| format!("cannot encode prediction: {e}"))?;
-        self.send(topic, &kafka_key(&p.bucket, &p.key), &json).await
+        self.send(topic, &kafka_key(&p.bucket, &p.key), &json)
+            .await
+            .map_err(|e| e.detail)
     }
 
-    /// Writes a dead-letter record.
+    /// Writes a dead-letter record. One that Kafka refuses as too large
+    /// (a dead-letter topic with a limit below the configured cap) is
+    /// written again without its payload rather than stopping the service.
     pub async fn dead_letter(&self, d: &DeadLetter) -> Result<(), String> {
-        let json = serde_json::to_vec(d).map_err(|e| format!("cannot encode dead letter: {e}"))?;
         let key = match (&d.bucket, &d.key) {
             (Some(b), Some(k)) => kafka_key(b, k),
             _ => format!(
@@ -67,7 +86,21 @@ impl KafkaSink {
                 d.source.topic, d.source.partition, d.source.offset
             ),
         };
-        self.send(&self.dead_letter_topic, &key, &json).await?;
+        let json = serde_json::to_vec(d).map_err(|e| format!("cannot encode dead letter: {e}"))?;
+        match self.send(&self.dead_letter_topic, &key, &json).await {
+            Ok(()) => {}
+            Err(e) if e.too_large => {
+                tracing::warn!(reason = %d.reason, bytes = json.len(), error = %e.detail,
+                    "dead letter too large for its topic; writing it without the payload");
+                let small = d.without_payload("the record was too large for the dead-letter topic");
+                let json = serde_json::to_vec(&small)
+                    .map_err(|e| format!("cannot encode dead letter: {e}"))?;
+                self.send(&self.dead_letter_topic, &key, &json)
+                    .await
+                    .map_err(|e| e.detail)?;
+            }
+            Err(e) => return Err(e.detail),
+        }
         self.metrics
             .dead_letters
             .with_label_values(&[d.reason.as_str()])
@@ -82,6 +115,7 @@ pub struct Alerter {
     client: aws_sdk_sns::Client,
     topic_arn: String,
     max_attempts: u32,
+    timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -91,6 +125,7 @@ impl Alerter {
             client,
             topic_arn: config.alerts.topic_arn.clone(),
             max_attempts: config.alerts.max_attempts,
+            timeout: config.alerts.timeout,
             metrics,
         }
     }
@@ -132,18 +167,25 @@ impl Alerter {
                     .message_attributes("confidence", c),
                 _ => req,
             };
-            match req.send().await {
-                Ok(_) => {
+            match tokio::time::timeout(self.timeout, req.send()).await {
+                Ok(Ok(_)) => {
                     self.metrics.alerts_published.inc();
                     return Ok(());
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     let class = classify(&err);
                     last = describe(&err);
                     tracing::debug!(attempt, kind = class.as_str(), detail = %last, "sns publish failed");
                     if !class.retryable() {
                         break;
                     }
+                }
+                Err(_) => {
+                    last = format!(
+                        "no answer within alerts.timeout ({})",
+                        humantime::format_duration(self.timeout)
+                    );
+                    tracing::debug!(attempt, detail = %last, "sns publish timed out");
                 }
             }
         }

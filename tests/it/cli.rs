@@ -9,7 +9,7 @@ use inferstream::endpoint::model::{expected_confidence, test_image};
 use crate::harness::{free_port, http_get};
 
 fn inferstream(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_inferstream"))
+    let out = Command::new(crate::harness::binary())
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(env.iter().copied())
@@ -162,5 +162,110 @@ fn demo_classifies_every_image_and_writes_the_report() {
                 "{chart}.{ext}"
             );
         }
+    }
+}
+
+/// Item 9 (issue #10): properties the delivery guarantee rests on cannot be
+/// weakened through the librdkafka passthrough tables; the refusal names
+/// the key.
+#[test]
+fn properties_the_guarantee_rests_on_are_refused_by_name() {
+    let cases = [
+        (
+            "INFERSTREAM__KAFKA__PRODUCER_PROPERTIES__ACKS",
+            "1",
+            "kafka.producer_properties.\"acks\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE",
+            "false",
+            "kafka.properties.\"enable.idempotence\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__PRODUCER_PROPERTIES__MESSAGE_TIMEOUT_MS",
+            "1000",
+            "kafka.producer_properties.\"message.timeout.ms\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__PRODUCER_PROPERTIES__DELIVERY_TIMEOUT_MS",
+            "1000",
+            "kafka.producer_properties.\"delivery.timeout.ms\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__PRODUCER_PROPERTIES__REQUEST_REQUIRED_ACKS",
+            "0",
+            "kafka.producer_properties.\"request.required.acks\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__CONSUMER_PROPERTIES__ENABLE_AUTO_COMMIT",
+            "true",
+            "kafka.consumer_properties.\"enable.auto.commit\"",
+        ),
+        (
+            "INFERSTREAM__KAFKA__CONSUMER_PROPERTIES__GROUP_INSTANCE_ID",
+            "x",
+            "kafka.consumer_properties.\"group.instance.id\"",
+        ),
+    ];
+    for (var, value, key) in cases {
+        let (code, _, stderr) = inferstream(
+            &["check-config"],
+            &[("INFERSTREAM__ALERTS__ENABLED", "false"), (var, value)],
+        );
+        assert_eq!(code, 2, "{var}={value} was accepted");
+        assert!(
+            stderr.contains(key) && stderr.contains("managed by inferstream"),
+            "{var}: {stderr}"
+        );
+    }
+}
+
+/// Item 10 (issue #10): limits that only fail together are checked
+/// together, naming the key and the largest value that works.
+#[test]
+fn limits_that_cannot_work_together_are_refused_at_start() {
+    let base = [("INFERSTREAM__ALERTS__ENABLED", "false")];
+    let refused = |env: &[(&str, &str)], needles: &[&str]| {
+        let mut all = base.to_vec();
+        all.extend_from_slice(env);
+        let (code, _, stderr) = inferstream(&["check-config"], &all);
+        assert_eq!(code, 2, "{env:?} was accepted");
+        for n in needles {
+            assert!(stderr.contains(n), "{env:?}: no {n:?} in {stderr}");
+        }
+    };
+    // A 5 MiB image base64-encoded alone is over SageMaker's 6 MiB.
+    refused(
+        &[
+            ("INFERSTREAM__ENDPOINT__MODE", "batch"),
+            ("INFERSTREAM__FETCH__MAX_OBJECT_BYTES", "5242880"),
+        ],
+        &["fetch.max_object_bytes", "4718544"],
+    );
+    // The circuit must open before an image runs out of attempts.
+    refused(
+        &[("INFERSTREAM__ENDPOINT__MAX_ATTEMPTS", "3")],
+        &["endpoint.circuit_failures"],
+    );
+    // Every record of a message is in flight at once.
+    refused(
+        &[("INFERSTREAM__PIPELINE__MAX_IN_FLIGHT", "8")],
+        &["pipeline.max_records_per_message", "pipeline.max_in_flight"],
+    );
+    // Dead letters must fit the producer's message size.
+    refused(
+        &[(
+            "INFERSTREAM__KAFKA__PRODUCER_PROPERTIES__MESSAGE_MAX_BYTES",
+            "200000",
+        )],
+        &["pipeline.dead_letter_payload_bytes", "message.max.bytes"],
+    );
+    // The defaults are valid in both request modes.
+    for mode in ["per-image", "batch"] {
+        let (code, _, stderr) = inferstream(
+            &["check-config"],
+            &[base[0], ("INFERSTREAM__ENDPOINT__MODE", mode)],
+        );
+        assert_eq!(code, 0, "{mode}: {stderr}");
     }
 }

@@ -83,17 +83,18 @@ async fn crash_loop_loses_nothing_and_duplicates_stay_within_the_window() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn instances_join_and_die_with_eager_rebalancing_and_nothing_is_lost() {
+    group_changes(Some("range,roundrobin")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn instances_join_and_die_in_one_group_and_nothing_is_lost() {
     group_changes(None).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn instances_join_and_die_with_cooperative_rebalancing_and_nothing_is_lost() {
-    group_changes(Some("cooperative-sticky")).await;
-}
-
 /// Two instances, a third added mid-stream, the first killed; `strategy`
-/// is librdkafka's partition.assignment.strategy (its default when None).
+/// is librdkafka's partition.assignment.strategy (inferstream's default,
+/// cooperative-sticky, when None).
 async fn group_changes(strategy: Option<&str>) {
     let n = 1200;
     let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "group").await;
@@ -132,6 +133,18 @@ async fn group_changes(strategy: Option<&str>) {
         predictions_by_id(r).len() >= n / 2
     })
     .await;
+    // Once the three share the partitions, one of the first two gave one
+    // up: its per-partition series went with it.
+    let end = Instant::now() + MINUTE;
+    loop {
+        let (pa, pb, pc) = (assigned(&a).await, assigned(&b).await, assigned(&c).await);
+        if pa + pb + pc == PARTITIONS as f64 && pa > 0.0 && pb > 0.0 && pc > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "no three-way split: {pa} {pb} {pc}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    series_match_ownership(&[&a, &b, &c]).await;
     a.kill();
     out.all_predicted(&stack, n, 3 * MINUTE).await;
 
@@ -148,11 +161,12 @@ async fn group_changes(strategy: Option<&str>) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    series_match_ownership(&[&b, &c]).await;
     let (missing, duplicates) = tally(&uploads, &out.records);
     let missing = missing.len();
     eprintln!(
         "group ({}): {n} events, 2 instances, 1 added, 1 killed: lost {missing}, duplicates {duplicates}",
-        strategy.unwrap_or("default assignor")
+        strategy.unwrap_or("cooperative-sticky, the default")
     );
     assert_eq!(missing, 0);
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
@@ -239,4 +253,85 @@ async fn s3_slow_down_and_hung_requests_are_retried_and_nothing_is_lost() {
         retries >= (slowed + hung) as f64,
         "every fault was retried: {retries}"
     );
+}
+
+/// Per-partition series (`committed_offset`, `consumer_lag`) only for the
+/// partitions each instance owns (item 10 of issue #10: they used to stay
+/// after a revocation).
+async fn series_match_ownership(instances: &[&ServiceProc]) {
+    for s in instances {
+        let m = s.metrics().await;
+        let owned = m
+            .get("inferstream_assigned_partitions")
+            .copied()
+            .unwrap_or(0.0) as usize;
+        for name in ["inferstream_committed_offset", "inferstream_consumer_lag"] {
+            let series = m
+                .keys()
+                .filter(|k| k.starts_with(&format!("{name}{{")))
+                .count();
+            assert!(
+                series <= owned,
+                "{series} {name} series for {owned} partitions owned: {m:?}"
+            );
+        }
+    }
+}
+
+/// Item 11 of issue #10: one instance of a two-instance group killed and
+/// restarted three times. Returns (lost, duplicates).
+async fn restarts_in_a_group(strategy: Option<&str>, static_ids: bool) -> (usize, usize) {
+    let n = env_usize("RESTART_EVENTS", 1500);
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "restarts").await;
+    let mut settings = vec![
+        ("ENDPOINT__CONCURRENCY", "2"),
+        ("PIPELINE__MAX_IN_FLIGHT", "64"),
+    ];
+    if let Some(s) = strategy {
+        settings.push((
+            "KAFKA__CONSUMER_PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+            s,
+        ));
+    }
+    let with_id = |id: &'static str| {
+        let mut s = settings.clone();
+        if static_ids {
+            s.push(("KAFKA__INSTANCE_ID", id));
+        }
+        s
+    };
+    let _a = stack.service(&with_id("instance-a")).await;
+    let mut b = stack.service(&with_id("instance-b")).await;
+    let mut out = stack.collector();
+    for k in 1..=3 {
+        out.until(&format!("{k}/5 of the images"), 2 * MINUTE, |r| {
+            predictions_by_id(r).len() >= k * n / 5
+        })
+        .await;
+        b.kill();
+        b = stack.service(&with_id("instance-b")).await;
+    }
+    out.all_predicted(&stack, n, 3 * MINUTE).await;
+    let (missing, duplicates) = tally(&uploads, &out.records);
+    eprintln!(
+        "restarts ({}, {}): {n} events, 2 instances, one SIGKILLed and restarted 3 times: lost {}, duplicates {duplicates}",
+        strategy.unwrap_or("cooperative-sticky, the default"),
+        if static_ids { "static membership" } else { "dynamic membership" },
+        missing.len()
+    );
+    (missing.len(), duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_restarted_repeatedly_loses_nothing_with_the_defaults() {
+    let (missing, _) = restarts_in_a_group(None, true).await;
+    assert_eq!(missing, 0);
+}
+
+/// The same with librdkafka's eager assignor and dynamic membership (the
+/// defaults before issue #10), for the comparison in docs/RELIABILITY.md.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_restarted_repeatedly_loses_nothing_with_eager_rebalancing() {
+    let (missing, _) = restarts_in_a_group(Some("range,roundrobin"), false).await;
+    assert_eq!(missing, 0);
 }

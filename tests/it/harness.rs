@@ -34,6 +34,14 @@ pub const REVIEW: &str = "inferstream-review";
 pub const DEAD: &str = "inferstream-dead-letter";
 pub const PARTITIONS: i32 = 4;
 
+/// The binary under test: this build's, or `INFERSTREAM_BIN` (e.g. a
+/// release build, or an older one to compare behaviour with).
+pub fn binary() -> PathBuf {
+    std::env::var_os("INFERSTREAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_inferstream")))
+}
+
 pub fn free_port() -> u16 {
     let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
@@ -240,6 +248,8 @@ impl Stack {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", kafka.bootstrap_servers())
             .set("linger.ms", "2")
+            // Hostile-input tests send messages near the decoder's 1 MiB cap.
+            .set("message.max.bytes", "4000000")
             .create()
             .expect("producer");
         Stack {
@@ -287,7 +297,7 @@ impl Stack {
         let port = free_port();
         let log_path = log_dir().join(format!("{}.log", unique("service")));
         let log = File::create(&log_path).expect("service log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferstream"));
+        let mut cmd = Command::new(binary());
         cmd.arg("run")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env_remove("RUST_LOG")
@@ -678,6 +688,44 @@ impl ServiceProc {
             .unwrap_or(0)
     }
 
+    /// The whole log so far.
+    pub fn log_all(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until `metric(name, with)` satisfies `ok`; panics after `deadline`.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        with: &[&str],
+        deadline: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let end = Instant::now() + deadline;
+        loop {
+            let v = self.metric(name, with).await;
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < end,
+                "{name}{with:?} is {v} after {deadline:?}; log: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -733,6 +781,71 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
+    /// A proxy that holds every request of `method` (e.g. `PUT`) without
+    /// answering, and passes the others through. Each request goes on a
+    /// connection of its own (`Connection: close`), so that the choice is
+    /// made per request.
+    pub async fn hang_method(upstream: &str, method: &'static str) -> FaultProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (slowed, hung) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = CancellationToken::new();
+        let (h, st) = (hung.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut client = tokio::select! {
+                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
+                    _ = st.cancelled() => return,
+                };
+                let upstream = upstream.clone();
+                let (h, st) = (h.clone(), st.clone());
+                tokio::spawn(async move {
+                    // The request head.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                        match client.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if head.starts_with(format!("{method} ").as_bytes()) {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        st.cancelled().await;
+                        return;
+                    }
+                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        return;
+                    };
+                    let text = String::from_utf8_lossy(&head[..end]).to_string();
+                    let mut rewritten: Vec<&str> = text
+                        .split("\r\n")
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                        .collect();
+                    rewritten.push("Connection: close");
+                    let mut out = rewritten.join("\r\n").into_bytes();
+                    out.extend_from_slice(b"\r\n\r\n");
+                    out.extend_from_slice(&head[end + 4..]);
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        if server.write_all(&out).await.is_ok() {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            url,
+            slowed,
+            hung,
+            stop,
+        }
+    }
+
     pub async fn start(upstream: &str, slow_down: f64, hang: f64, seed: u64) -> FaultProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = upstream.trim_start_matches("http://").to_string();

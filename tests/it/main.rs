@@ -9,4 +9,5 @@ mod compose;
 mod crash;
 mod harness;
 mod hostile;
+mod paths;
 mod pipeline;

@@ -725,6 +725,7 @@ async fn endpoint_outage_pauses_consumption_probes_and_loses_nothing() {
             ("PIPELINE__MAX_IN_FLIGHT", "32"),
             // Without the breaker, 3 attempts would dead-letter everything.
             ("ENDPOINT__MAX_ATTEMPTS", "3"),
+            ("ENDPOINT__CIRCUIT_FAILURES", "3"),
             ("ENDPOINT__CIRCUIT_OPEN_INITIAL", "500ms"),
             ("ENDPOINT__CIRCUIT_OPEN_MAX", "2s"),
         ])
@@ -844,7 +845,11 @@ async fn sigterm_under_load_drains_commits_and_a_clean_restart_duplicates_nothin
 
 /// One low-confidence image through a service started with `env`: its
 /// review record and its single dead letter, which must be `alert_failed`.
-async fn failed_alert(stack: &Stack, key: &str, env: &[(&str, &str)]) -> (ServiceProc, Value) {
+pub(crate) async fn failed_alert(
+    stack: &Stack,
+    key: &str,
+    env: &[(&str, &str)],
+) -> (ServiceProc, Value) {
     let etag = stack
         .put_object("uploads", key, test_image(1, 0.6, 2, 16, ImageFormat::Png))
         .await;
