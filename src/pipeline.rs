@@ -302,15 +302,16 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
     tracker.request_stop();
     shutdown.cancel();
 
-    // Shutdown, within one budget: drain, then commit what is complete and
-    // leave. The last quarter (at most 5 s) is kept for after the drain.
+    // Shutdown, within one budget that runs from the signal (the source may
+    // have been inside a rebalance callback when it came): drain; then
+    // commit what is complete and flush (a quarter of the budget, at most
+    // 5 s); then leave the group and stop the metrics server (the last
+    // EXIT_MARGIN).
     let budget = config.pipeline.shutdown_timeout;
-    // The budget runs from the signal (the source may have been inside a
-    // rebalance callback when it came). What follows the deadline: closing
-    // the consumer (at least half a second) and the runtime's own shutdown
-    // (1 s, main.rs).
     let began = tracker.stop_requested_at().unwrap_or_else(Instant::now);
-    let deadline = began + budget.saturating_sub(EXIT_MARGIN);
+    let margin = EXIT_MARGIN.min(budget / 4);
+    let end = began + budget;
+    let deadline = end - margin;
     let drain_until = deadline - (budget / 4).min(Duration::from_secs(5));
     let drained = {
         let t = tracker.clone();
@@ -368,8 +369,12 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         }
     }
     // The capture writer flushes its last buffer once the stages are gone.
-    if let Some(task) = capture_task {
-        if tokio::time::timeout(left(deadline), task).await.is_err() {
+    if let Some(mut task) = capture_task {
+        if tokio::time::timeout(left(deadline), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
             tracing::warn!(
                 "data capture did not finish its last write within pipeline.shutdown_timeout"
             );
@@ -395,7 +400,8 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
     }
     drop(committer);
     let close = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(left(deadline).max(Duration::from_millis(500)), close)
+    let close_until = end - margin / 2;
+    if tokio::time::timeout(left(close_until).max(Duration::from_millis(100)), close)
         .await
         .is_err()
     {
@@ -405,7 +411,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
     // its request must not hold the exit.
     http_stop.cancel();
     let mut http = http;
-    if tokio::time::timeout(Duration::from_secs(1), &mut http)
+    if tokio::time::timeout(left(end).max(Duration::from_millis(100)), &mut http)
         .await
         .is_err()
     {
@@ -419,7 +425,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
 }
 
 /// The part of `pipeline.shutdown_timeout` kept for leaving the group and
-/// the process's exit.
+/// stopping the metrics server (a quarter of the budget when smaller).
 const EXIT_MARGIN: Duration = Duration::from_millis(1500);
 
 /// How long the pipeline may stay at its in-flight limit before the input
