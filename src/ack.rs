@@ -100,6 +100,14 @@ impl Tracker {
             .unwrap_or_else(|p| p.into_inner());
         at.get_or_insert_with(Instant::now);
         drop(at);
+        self.wake_waiters();
+    }
+
+    /// Wakes [`Tracker::wait_drained`] after a flag outside `state`
+    /// changed: notifying under the `state` lock, so that a waiter between
+    /// its check and its wait cannot miss it.
+    fn wake_waiters(&self) {
+        let _st = self.lock();
         self.changed.notify_all();
     }
 
@@ -116,7 +124,7 @@ impl Tracker {
     /// anything, and revocations commit without waiting.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        self.changed.notify_all();
+        self.wake_waiters();
     }
 
     pub fn is_closing(&self) -> bool {
@@ -144,7 +152,7 @@ impl Tracker {
         }
         drop(reason);
         self.fatal.cancel();
-        self.changed.notify_all();
+        self.wake_waiters();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -177,6 +185,15 @@ impl Tracker {
     pub fn revoke(&self, partition: i32) -> Option<i64> {
         let mut st = self.lock();
         st.partitions.remove(&partition).and_then(|p| p.position())
+    }
+
+    /// Forgets every partition (the assignment was dropped on an error);
+    /// returns them.
+    pub fn revoke_all(&self) -> Vec<i32> {
+        let mut st = self.lock();
+        let gone: Vec<i32> = st.partitions.keys().copied().collect();
+        st.partitions.clear();
+        gone
     }
 
     /// The current assignment of `partition` here, if it is assigned.
@@ -592,6 +609,27 @@ mod tests {
         let h = std::thread::spawn(move || a.done());
         assert!(t.wait_drained(&[0], Duration::from_secs(30), false));
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_stop_right_before_a_wait_is_not_missed() {
+        // The stop may come between the waiter's check and its wait; it
+        // must still wake it (review of issue #10: a lost wakeup).
+        for _ in 0..300 {
+            let t = tracker();
+            t.assign(0);
+            let a = t.begin(0, 1, t.epoch(0).unwrap(), 1, None).unwrap();
+            let t2 = t.clone();
+            let waiter = std::thread::spawn(move || {
+                let started = Instant::now();
+                t2.wait_drained(&[0], Duration::from_secs(5), true);
+                started.elapsed()
+            });
+            t.request_stop();
+            let waited = waiter.join().unwrap();
+            assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+            a.abandon();
+        }
     }
 
     #[test]

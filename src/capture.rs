@@ -91,7 +91,9 @@ impl CaptureLine {
             + p.etag.as_ref().map_or(0, String::len)
             + p.version_id.as_ref().map_or(0, String::len)
             + p.event_time.as_ref().map_or(0, String::len);
-        self.endpoint_input.as_ref().map_or(0, |d| d.data.len()) + 6 * from_event + 2048
+        // Each score appears in the prediction and in the output data.
+        let scores: usize = p.scores.keys().map(|l| 6 * l.len() + 64).sum();
+        self.endpoint_input.as_ref().map_or(0, |d| d.data.len()) + 6 * from_event + scores + 2048
     }
 }
 
@@ -296,6 +298,29 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backlog_budget_counts_a_line_at_least_at_its_size() {
+        let labels: Vec<String> = (0..2000).map(|i| format!("class-{i:05}")).collect();
+        let mut p: Prediction = serde_json::from_value(serde_json::json!({
+            "schema": "inferstream.prediction.v1", "id": "b/\u{1}\u{1}@e", "bucket": "b",
+            "key": "\u{1}".repeat(500), "etag": "e", "version_id": null, "size": 1,
+            "label": "class-00000", "confidence": 0.5, "scores": {}, "threshold": 0.9,
+            "decision": "review", "endpoint": "x", "variant": null, "event_time": null,
+            "processed_at": "2026-11-25T10:00:00.000Z",
+            "latency_ms": {"fetch": 1.0, "infer": 1.0, "total": 1.0},
+            "source": {"topic": "t", "partition": 0, "offset": 1}
+        }))
+        .unwrap();
+        p.scores = labels.iter().map(|l| (l.clone(), 0.123456789)).collect();
+        let line = CaptureLine::new(&p, Some(("image/png", &[7u8; 3000])));
+        let written = serde_json::to_vec(&line).unwrap().len();
+        assert!(
+            line.estimated_bytes() >= written,
+            "{} < {written}",
+            line.estimated_bytes()
+        );
+    }
 
     #[test]
     fn hours_partition_the_keys() {

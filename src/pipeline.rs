@@ -382,12 +382,15 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
     }
     // Outputs still queued in librdkafka (of abandoned work) go out if
     // they can; their offsets are not committed either way.
+    // Dropping the last producer handle destroys the client, which may
+    // take a while (its threads resolve broker names): within the budget,
+    // or left behind.
     let flush_for = left(deadline);
-    let _ = tokio::task::spawn_blocking(move || {
+    let flush = tokio::task::spawn_blocking(move || {
         use rdkafka::producer::Producer;
-        producer.flush(flush_for)
-    })
-    .await;
+        let _ = producer.flush(flush_for);
+    });
+    let _ = tokio::time::timeout(left(deadline).max(Duration::from_millis(100)), flush).await;
     // Leave the group: the commit thread holds the consumer, so it ends
     // first; closing runs the last revocation (which commits, without
     // waiting) and the LeaveGroup.
@@ -633,6 +636,10 @@ impl Source<'_> {
             None => {
                 let positions = self.tracker.positions_to_commit();
                 if positions.is_empty() {
+                    // Nothing left to commit (what failed was for
+                    // partitions that moved away, or went again since):
+                    // the failures are over.
+                    self.commit_failing_since = None;
                     return;
                 }
                 match self.committer.commit(positions.clone()) {

@@ -225,7 +225,13 @@ impl ConsumerContext for SourceContext {
                 }
                 tracing::info!(?partitions, "partitions assigned");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                // rust-rdkafka unassigns everything after a rebalance error.
+                let gone = self.tracker.revoke_all();
+                self.forget(&gone);
+                self.metrics.assigned_partitions.set(0);
+                tracing::warn!(error = %e, partitions = ?gone, "rebalance error; partitions dropped without a commit");
+            }
             Rebalance::Revoke(_) => {}
         }
     }
@@ -389,15 +395,15 @@ impl Committer {
         }
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() || tracker.stop_requested_at().is_some() {
-                return Err(CommitWait::TimedOut);
-            }
             match rx.recv_timeout(left.min(Duration::from_millis(50))) {
                 Ok(r) => return Ok(r),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(CommitWait::Stopped)
                 }
+            }
+            if std::time::Instant::now() >= deadline || tracker.stop_requested_at().is_some() {
+                return Err(CommitWait::TimedOut);
             }
         }
     }
@@ -424,7 +430,7 @@ impl Committer {
             }
             Err(e) => {
                 self.metrics.commit_failures.inc();
-                tracing::warn!(error = %e, "offset commit failed; will retry");
+                tracing::warn!(error = %e, "offset commit failed; the positions go again with the next commit (or are re-delivered after a restart)");
                 for (p, _) in positions {
                     tracker.resend(*p);
                 }
