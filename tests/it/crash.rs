@@ -92,12 +92,9 @@ async fn instances_join_and_die_in_one_group_and_nothing_is_lost() {
     group_changes(None).await;
 }
 
-/// Two instances, a third added mid-stream, the first killed; `strategy`
-/// is librdkafka's partition.assignment.strategy (inferstream's default,
-/// cooperative-sticky, when None).
-async fn group_changes(strategy: Option<&str>) {
-    let n = 1200;
-    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "group").await;
+/// Settings of the group tests: a slow pipeline, and `strategy` as
+/// librdkafka's partition.assignment.strategy when given.
+fn group_settings(strategy: Option<&str>) -> Vec<(&'static str, &str)> {
     let mut settings = vec![
         ("ENDPOINT__CONCURRENCY", "2"),
         ("PIPELINE__MAX_IN_FLIGHT", "64"),
@@ -108,6 +105,16 @@ async fn group_changes(strategy: Option<&str>) {
             s,
         ));
     }
+    settings
+}
+
+/// Two instances, a third added mid-stream, the first killed; `strategy`
+/// is librdkafka's partition.assignment.strategy (inferstream's default,
+/// cooperative-sticky, when None).
+async fn group_changes(strategy: Option<&str>) {
+    let n = 1200;
+    let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "group").await;
+    let settings = group_settings(strategy);
 
     // Two instances share the partitions.
     let mut a = stack.service(&settings).await;
@@ -283,16 +290,7 @@ async fn series_match_ownership(instances: &[&ServiceProc]) {
 async fn restarts_in_a_group(strategy: Option<&str>, static_ids: bool) -> (usize, usize) {
     let n = env_usize("RESTART_EVENTS", 1500);
     let (stack, uploads) = slow_stack_with(Duration::from_millis(10), n, "restarts").await;
-    let mut settings = vec![
-        ("ENDPOINT__CONCURRENCY", "2"),
-        ("PIPELINE__MAX_IN_FLIGHT", "64"),
-    ];
-    if let Some(s) = strategy {
-        settings.push((
-            "KAFKA__CONSUMER_PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
-            s,
-        ));
-    }
+    let settings = group_settings(strategy);
     let with_id = |id: &'static str| {
         let mut s = settings.clone();
         if static_ids {

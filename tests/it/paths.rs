@@ -427,6 +427,19 @@ async fn a_message_with_thousands_of_records_makes_one_bounded_dead_letter() {
     assert!(service.running());
 }
 
+/// The endpoint is failing already: once `service` has opened its
+/// circuit, it stays down for `time` (a scenario length, not a wait for a
+/// condition), then comes back.
+async fn down_for(stack: &Stack, service: &ServiceProc, time: Duration) {
+    service
+        .wait_metric("inferstream_endpoint_circuit_open", &[], MINUTE, |v| {
+            v == 1.0
+        })
+        .await;
+    tokio::time::sleep(time).await;
+    stack.endpoint.control.fail_with(None);
+}
+
 /// Merges single-record S3 notifications into messages of `per` records.
 fn merged(events: &[(String, Vec<u8>)], per: usize) -> Vec<(String, Vec<u8>)> {
     events
@@ -487,14 +500,8 @@ async fn the_source_keeps_polling_kafka_while_it_waits_for_room() {
             ("ENDPOINT__CIRCUIT_OPEN_MAX", "1s"),
         ])
         .await;
-    service
-        .wait_metric("inferstream_endpoint_circuit_open", &[], MINUTE, |v| {
-            v == 1.0
-        })
-        .await;
     // Down for twice max.poll.interval.ms.
-    tokio::time::sleep(Duration::from_secs(14)).await;
-    stack.endpoint.control.fail_with(None);
+    down_for(&stack, &service, Duration::from_secs(14)).await;
     let mut out = stack.collector();
     out.all_predicted(&stack, keys.len(), MINUTE).await;
     let by_id = predictions_by_id(&out.records);
@@ -589,14 +596,8 @@ async fn calls_keep_running_while_their_stage_waits_downstream() {
             ("ENDPOINT__CIRCUIT_OPEN_MAX", "1s"),
         ])
         .await;
-    service
-        .wait_metric("inferstream_endpoint_circuit_open", &[], MINUTE, |v| {
-            v == 1.0
-        })
-        .await;
     // Fetches pile up behind the stalled endpoint for 4 x fetch.timeout.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    stack.endpoint.control.fail_with(None);
+    down_for(&stack, &service, Duration::from_secs(8)).await;
     let mut out = stack.collector();
     out.all_predicted(&stack, n, MINUTE).await;
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
