@@ -24,9 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use image::ImageFormat;
-use inferstream::endpoint::model::noisy_image;
-use inferstream::endpoint::{EndpointOptions, Faults};
-use inferstream::events::s3_event_at;
+use inferstream::tools::endpoint::model::noisy_image;
+use inferstream::tools::endpoint::{EndpointOptions, Faults};
+use inferstream::tools::events::s3_event_at;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::mocking::MockCluster;
@@ -721,7 +721,7 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = inferstream::endpoint::spawn(
+    let endpoint = inferstream::tools::endpoint::spawn(
         listener,
         EndpointOptions {
             name: None,

@@ -21,28 +21,14 @@
 //! [`http`], [`shutdown`]; the local model server in [`endpoint`]; charts
 //! from data capture in [`report`].
 
-pub mod ack;
-pub mod aws;
-pub mod batch;
-pub mod breaker;
-pub mod capture;
+pub mod clients;
 pub mod config;
-pub mod decode;
-pub mod demo;
-pub mod endpoint;
-pub mod events;
-pub mod fetch;
 pub mod http;
-pub mod infer;
-pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
-pub mod report;
-pub mod route;
 pub mod shutdown;
-pub mod sink;
-pub mod source;
+pub mod tools;
 
 pub use config::Config;
 pub use pipeline::{start, Service};

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use inferstream::config::{Config, LogFormat};
-use inferstream::endpoint::{EndpointOptions, Failure, Faults};
+use inferstream::tools::endpoint::{EndpointOptions, Failure, Faults};
 
 const DEFAULT_CONFIG: &str = "config/inferstream.toml";
 
@@ -211,7 +211,7 @@ async fn demo(path: Option<PathBuf>, args: DemoArgs) -> ExitCode {
     // The embedded S3 server logs every error response it sends; the demo
     // shows outcomes itself.
     init_logging(cfg.log.format, "warn,s3s=off");
-    let opts = inferstream::demo::DemoOptions {
+    let opts = inferstream::tools::demo::DemoOptions {
         images: args.images,
         threshold: args.threshold,
         report_dir: args.out,
@@ -223,7 +223,7 @@ async fn demo(path: Option<PathBuf>, args: DemoArgs) -> ExitCode {
             }
         }),
     };
-    match inferstream::demo::run(cfg, opts).await {
+    match inferstream::tools::demo::run(cfg, opts).await {
         Ok(summary) => {
             println!("\nsummary\n{}", summary.table());
             ExitCode::SUCCESS
@@ -308,7 +308,7 @@ async fn endpoint(args: EndpointArgs) -> ExitCode {
             seed: args.seed,
         },
     };
-    let running = match inferstream::endpoint::spawn(listener, opts, shutdown) {
+    let running = match inferstream::tools::endpoint::spawn(listener, opts, shutdown) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the endpoint");
@@ -343,11 +343,11 @@ async fn report(path: Option<PathBuf>, args: ReportArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let sdk = inferstream::aws::sdk_config(&cfg).await;
-        let client = inferstream::aws::s3_client(&sdk, &cfg);
-        inferstream::report::load_s3(&client, &bucket, &prefix).await
+        let sdk = inferstream::clients::aws::sdk_config(&cfg).await;
+        let client = inferstream::clients::aws::s3_client(&sdk, &cfg);
+        inferstream::tools::report::load_s3(&client, &bucket, &prefix).await
     } else {
-        inferstream::report::load_dir(std::path::Path::new(&args.from))
+        inferstream::tools::report::load_dir(std::path::Path::new(&args.from))
     };
     let loaded = match loaded {
         Ok(l) => l,
@@ -370,7 +370,7 @@ async fn report(path: Option<PathBuf>, args: ReportArgs) -> ExitCode {
             String::new()
         }
     );
-    match inferstream::report::render(&loaded.points, &args.out) {
+    match inferstream::tools::report::render(&loaded.points, &args.out) {
         Ok(files) => {
             for f in files {
                 println!("wrote {}", f.display());

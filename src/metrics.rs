@@ -134,7 +134,7 @@ impl Metrics {
             circuit_open: reg!(IntGauge::new("inferstream_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open (images wait, the endpoint is probed)")?),
             registry,
         };
-        for reason in crate::decode::DeadLetterReason::ALL {
+        for reason in crate::pipeline::decode::DeadLetterReason::ALL {
             m.dead_letters.with_label_values(&[reason.as_str()]);
         }
         Ok(m)
@@ -154,16 +154,16 @@ impl Metrics {
             }
             self.confidence.with_label_values(&[label.as_str()]);
         }
-        for class in crate::infer::ERROR_CLASSES {
+        for class in crate::pipeline::infer::ERROR_CLASSES {
             self.inference_errors
-                .with_label_values(&[crate::infer::error_kind(class)]);
+                .with_label_values(&[crate::pipeline::infer::error_kind(class)]);
         }
         self.inference_errors
-            .with_label_values(&[crate::infer::BAD_RESPONSE]);
+            .with_label_values(&[crate::pipeline::infer::BAD_RESPONSE]);
         for kind in ["assign", "revoke", "lost"] {
             self.rebalances.with_label_values(&[kind]);
         }
-        for reason in crate::decode::SkipReason::ALL {
+        for reason in crate::pipeline::decode::SkipReason::ALL {
             self.records_skipped.with_label_values(&[reason.as_str()]);
         }
     }

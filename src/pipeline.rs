@@ -12,6 +12,17 @@
 //! `pipeline.shutdown_timeout`: drain, then commit what is complete, flush,
 //! and leave the group.
 
+pub mod ack;
+pub mod batch;
+pub mod breaker;
+pub mod capture;
+pub mod decode;
+pub mod fetch;
+pub mod infer;
+pub mod route;
+pub mod sink;
+pub mod source;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -29,19 +40,19 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::{Ack, Tracker};
-use crate::capture::{CaptureLine, Capturer};
 use crate::config::{Config, RequestMode};
-use crate::decode::{decode_limited, DeadLetterReason, ImageRef, Outcome};
-use crate::fetch::{FetchError, Fetched, Fetcher};
-use crate::infer::{InferError, Inference, Inferrer, Input};
 use crate::metrics::Metrics;
+use crate::pipeline::ack::{Ack, Tracker};
+use crate::pipeline::capture::{CaptureLine, Capturer};
+use crate::pipeline::decode::{decode_limited, DeadLetterReason, ImageRef, Outcome};
+use crate::pipeline::fetch::{FetchError, Fetched, Fetcher};
+use crate::pipeline::infer::{InferError, Inference, Inferrer, Input};
+use crate::pipeline::sink::{Alerter, KafkaSink};
+use crate::pipeline::source::{Committer, InputConsumer, SourceContext};
 use crate::record::{
     image_id, now_rfc3339, DeadLetter, Decision, Latency, Payload, Prediction, SourceRef,
     PREDICTION_SCHEMA,
 };
-use crate::sink::{Alerter, KafkaSink};
-use crate::source::{Committer, InputConsumer, SourceContext};
 
 /// One image on its way.
 struct Job {
@@ -81,7 +92,7 @@ impl Service {
 /// Starts the service; it runs until `shutdown` is cancelled. AWS
 /// credentials and region come from the standard chain.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Service> {
-    let sdk = crate::aws::sdk_config(&config).await;
+    let sdk = crate::clients::aws::sdk_config(&config).await;
     start_with_sdk(config, sdk, shutdown).await
 }
 
@@ -114,32 +125,32 @@ pub async fn start_with_sdk(
     metrics.init_labels(&config.endpoint.labels);
     let tracker = Tracker::new(metrics.clone());
     let fetcher = Fetcher::new(
-        crate::aws::s3_client(&sdk, &config),
+        crate::clients::aws::s3_client(&sdk, &config),
         config.fetch.clone(),
         metrics.clone(),
     );
     let inferrer = Inferrer::new(
-        crate::aws::sagemaker_client(&sdk, &config),
+        crate::clients::aws::sagemaker_client(&sdk, &config),
         config.endpoint.clone(),
         metrics.clone(),
     );
     let capture = if config.capture.enabled {
         tracing::info!(destination = %config.capture.destination,
             sampling_percentage = config.capture.sampling_percentage, "data capture on");
-        let client = crate::aws::s3_client(&sdk, &config);
+        let client = crate::clients::aws::s3_client(&sdk, &config);
         Capturer::spawn(client, &config.capture, metrics.clone())
     } else {
         None
     };
     let alerter = config.alerts.enabled.then(|| {
         Alerter::new(
-            crate::aws::sns_client(&sdk, &config),
+            crate::clients::aws::sns_client(&sdk, &config),
             &config,
             metrics.clone(),
         )
     });
 
-    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
+    let producer: FutureProducer = crate::clients::kafka::producer_config(&config.kafka)
         .create()
         .context("creating the Kafka producer (check kafka.brokers and kafka.properties)")?;
     let sink = KafkaSink::new(producer.clone(), &config, metrics.clone());
@@ -153,7 +164,7 @@ pub async fn start_with_sdk(
     );
     let committer = context.committer.clone();
     let consumer: Arc<InputConsumer> = Arc::new(
-        crate::kafka::consumer_config(&config.kafka)
+        crate::clients::kafka::consumer_config(&config.kafka)
             .create_with_context(context)
             .context("creating the Kafka consumer (check kafka.brokers and kafka.properties)")?,
     );
@@ -263,7 +274,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
     if config.endpoint.mode == RequestMode::PerImage {
         batching.max_images = 1;
     }
-    let batch = tokio::spawn(crate::batch::run(batching, batch_in_rx, batch_tx));
+    let batch = tokio::spawn(crate::pipeline::batch::run(batching, batch_in_rx, batch_tx));
     let infer = tokio::spawn(infer_stage(
         batch_rx,
         inferrer,
@@ -1007,7 +1018,7 @@ fn prediction(
     config: &Config,
     metrics: &Metrics,
 ) -> Prediction {
-    let routed = crate::route::route(&inference.scores, config);
+    let routed = crate::pipeline::route::route(&inference.scores, config);
     let labels = &config.endpoint.labels;
     let label = labels.get(routed.label).cloned().unwrap_or_default();
     metrics

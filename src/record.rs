@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{DeadLetterReason, ImageRef};
+use crate::pipeline::decode::{DeadLetterReason, ImageRef};
 
 pub const PREDICTION_SCHEMA: &str = "inferstream.prediction.v1";
 pub const DEADLETTER_SCHEMA: &str = "inferstream.deadletter.v1";

@@ -4,7 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image::ImageFormat;
-use inferstream::endpoint::model::{expected_confidence, test_image};
+use inferstream::tools::endpoint::model::{expected_confidence, test_image};
 
 use crate::harness::{free_port, http_get};
 

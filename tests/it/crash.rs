@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use inferstream::endpoint::Faults;
+use inferstream::tools::endpoint::Faults;
 
 use crate::harness::*;
 use crate::pipeline::{slow_stack_with, tally, upload_images, MINUTE};

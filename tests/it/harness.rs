@@ -24,8 +24,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use inferstream::endpoint::{EndpointOptions, Faults, RunningEndpoint};
-pub use inferstream::events::{event, Shape, SHAPES};
+use inferstream::tools::endpoint::{EndpointOptions, Faults, RunningEndpoint};
+pub use inferstream::tools::events::{event, Shape, SHAPES};
 
 pub const REGION: &str = "us-east-1";
 pub const INPUT: &str = "s3-events";
@@ -232,7 +232,7 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind endpoint");
-        let endpoint = inferstream::endpoint::spawn(
+        let endpoint = inferstream::tools::endpoint::spawn(
             listener,
             EndpointOptions {
                 name: Some("image-classifier".into()),

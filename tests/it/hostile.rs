@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use image::ImageFormat;
-use inferstream::endpoint::model::test_image;
-use inferstream::endpoint::Faults;
+use inferstream::tools::endpoint::model::test_image;
+use inferstream::tools::endpoint::Faults;
 use serde_json::json;
 
 use crate::harness::*;
@@ -69,7 +69,7 @@ async fn every_kind_of_bad_input_ends_in_a_dead_letter_or_a_counted_skip() {
         .send()
         .await
         .unwrap();
-    let enc = |k: &str| inferstream::events::s3_encode(k);
+    let enc = |k: &str| inferstream::tools::events::s3_encode(k);
 
     let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let cases: Vec<(&str, Vec<u8>, Want)> = vec![

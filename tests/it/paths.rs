@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use image::ImageFormat;
-use inferstream::endpoint::model::{crash_image, test_image};
-use inferstream::endpoint::{Failure, Faults};
+use inferstream::tools::endpoint::model::{crash_image, test_image};
+use inferstream::tools::endpoint::{Failure, Faults};
 use serde_json::Value;
 
 use crate::harness::*;
@@ -573,7 +573,7 @@ async fn sigterm_with_the_broker_down_exits_within_its_budget_and_loses_nothing(
 /// unpolled and being retried.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_keep_running_while_their_stage_waits_downstream() {
-    use inferstream::endpoint::model::noisy_image;
+    use inferstream::tools::endpoint::model::noisy_image;
     let stack = Stack::start(Faults::default()).await;
     stack.endpoint.control.fail_with(Some(Failure::Unavailable));
     let n = 24;

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use image::ImageFormat;
-use inferstream::endpoint::model::{expected_confidence, test_image, FORMATS};
-use inferstream::endpoint::Faults;
+use inferstream::tools::endpoint::model::{expected_confidence, test_image, FORMATS};
+use inferstream::tools::endpoint::Faults;
 use serde_json::Value;
 
 use crate::harness::*;

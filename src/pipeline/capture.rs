@@ -259,7 +259,7 @@ impl Writer {
         let mut last = String::new();
         for attempt in 0..self.max_attempts {
             if attempt > 0 {
-                tokio::time::sleep(crate::aws::backoff(
+                tokio::time::sleep(crate::clients::aws::backoff(
                     attempt,
                     Duration::from_millis(200),
                     Duration::from_secs(10),
@@ -287,7 +287,7 @@ impl Writer {
                     tracing::debug!(bucket = %self.bucket, %key, lines = b.lines, "capture written");
                     return;
                 }
-                Ok(Err(e)) => last = crate::aws::describe(&e),
+                Ok(Err(e)) => last = crate::clients::aws::describe(&e),
             }
         }
         self.metrics.capture_failed.inc_by(b.lines as u64);

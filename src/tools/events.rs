@@ -135,7 +135,7 @@ pub fn s3_event_at(
 mod tests {
     use super::*;
     use crate::config::FilterConfig;
-    use crate::decode::{decode, Outcome};
+    use crate::pipeline::decode::{decode, Outcome};
 
     #[test]
     fn every_shape_decodes_to_the_same_object() {

@@ -11,7 +11,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use crate::aws::{backoff, classify, describe};
+use crate::clients::aws::{backoff, classify, describe};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::record::{kafka_key, DeadLetter, Decision, Prediction};

@@ -28,9 +28,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::endpoint::model::{test_image, FORMATS};
-use crate::endpoint::{EndpointOptions, Faults};
-use crate::events::{event, SHAPES};
+use crate::tools::endpoint::model::{test_image, FORMATS};
+use crate::tools::endpoint::{EndpointOptions, Faults};
+use crate::tools::events::{event, SHAPES};
 
 const UPLOADS: &str = "uploads";
 const CAPTURE_BUCKET: &str = "inferstream-capture";
@@ -102,7 +102,7 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     let (key, secret) = signing_keys(&sdk).await?;
     let s3_addr = serve_s3(s3_dir.path(), &key, &secret, stop.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = crate::endpoint::spawn(
+    let endpoint = crate::tools::endpoint::spawn(
         listener,
         EndpointOptions {
             name: None,
@@ -142,14 +142,17 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     }
     config.validate()?;
 
-    let s3 = crate::aws::s3_client(&sdk, &config);
+    let s3 = crate::clients::aws::s3_client(&sdk, &config);
     for bucket in [UPLOADS, CAPTURE_BUCKET] {
         s3.create_bucket()
             .bucket(bucket)
             .send()
             .await
             .map_err(|e| {
-                anyhow::anyhow!("creating bucket {bucket}: {}", crate::aws::describe(&e))
+                anyhow::anyhow!(
+                    "creating bucket {bucket}: {}",
+                    crate::clients::aws::describe(&e)
+                )
             })?;
     }
 
@@ -296,8 +299,8 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
         .await
         .context("the service stopped on an error")?;
 
-    let loaded = crate::report::load_s3(&s3, CAPTURE_BUCKET, "demo").await?;
-    summary.report = crate::report::render(&loaded.points, &opts.report_dir)?;
+    let loaded = crate::tools::report::load_s3(&s3, CAPTURE_BUCKET, "demo").await?;
+    summary.report = crate::tools::report::render(&loaded.points, &opts.report_dir)?;
     // Clients first, then the cluster they talk to.
     drop(reader);
     drop(producer);
@@ -410,7 +413,7 @@ fn alert_line(prediction: &Value) -> String {
 /// alerts go to a real SNS.
 async fn demo_sdk_config(config: &Config, sns: bool) -> aws_config::SdkConfig {
     if sns {
-        return crate::aws::sdk_config(config).await;
+        return crate::clients::aws::sdk_config(config).await;
     }
     let region = if config.aws.region.is_empty() {
         "us-east-1".to_string()
@@ -468,7 +471,9 @@ async fn upload(s3: &aws_sdk_s3::Client, n: usize, classes: usize) -> anyhow::Re
             .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("uploading {key}: {}", crate::aws::describe(&e)))?;
+            .map_err(|e| {
+                anyhow::anyhow!("uploading {key}: {}", crate::clients::aws::describe(&e))
+            })?;
         let etag = out.e_tag.unwrap_or_default().trim_matches('"').to_string();
         Ok::<_, anyhow::Error>(Upload { key, size, etag })
     });

@@ -1,6 +1,6 @@
 //! `inferstream report`: charts from data capture, as PNG and SVG.
 //!
-//! Reads the JSON Lines objects [`crate::capture`] writes, from S3 or a
+//! Reads the JSON Lines objects [`crate::pipeline::capture`] writes, from S3 or a
 //! local directory, and draws three charts: confidence over time coloured by
 //! decision with the threshold line, a histogram of confidences, and
 //! accepted vs review counts per label.
@@ -16,7 +16,7 @@ use plotters::prelude::*;
 use serde::Deserialize;
 
 const FONT: &str = "sans-serif";
-static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+static FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
 const ACCEPTED: RGBColor = RGBColor(0x2a, 0x9d, 0x5c);
@@ -132,7 +132,7 @@ pub async fn load_s3(
         let page = page.map_err(|e| {
             anyhow::anyhow!(
                 "cannot list s3://{bucket}/{list_prefix}: {}",
-                crate::aws::describe(&e)
+                crate::clients::aws::describe(&e)
             )
         })?;
         for obj in page.contents.unwrap_or_default() {
@@ -148,7 +148,7 @@ pub async fn load_s3(
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "cannot read s3://{bucket}/{key}: {}",
-                        crate::aws::describe(&e)
+                        crate::clients::aws::describe(&e)
                     )
                 })?;
             let bytes = out

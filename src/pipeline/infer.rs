@@ -17,12 +17,12 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
 
-use crate::aws::{backoff, classify, describe, ErrorClass};
-use crate::breaker::{Admission, Breaker};
+use crate::clients::aws::{backoff, classify, describe, ErrorClass};
 use crate::config::{EndpointConfig, RequestMode};
-use crate::decode::DeadLetterReason;
-use crate::fetch::ImageKind;
 use crate::metrics::Metrics;
+use crate::pipeline::breaker::{Admission, Breaker};
+use crate::pipeline::decode::DeadLetterReason;
+use crate::pipeline::fetch::ImageKind;
 
 /// Why an image got no prediction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,8 +13,8 @@ use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::ack::Tracker;
 use crate::metrics::Metrics;
+use crate::pipeline::ack::Tracker;
 
 /// The input consumer.
 pub type InputConsumer = StreamConsumer<SourceContext>;

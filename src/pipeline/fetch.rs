@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use bytes::{Bytes, BytesMut};
 
-use crate::aws::{backoff, classify, describe, ErrorClass};
+use crate::clients::aws::{backoff, classify, describe, ErrorClass};
 use crate::config::FetchConfig;
-use crate::decode::{DeadLetterReason, ImageRef};
+use crate::pipeline::decode::{DeadLetterReason, ImageRef};
 
 /// Image formats the service accepts, by their first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
