@@ -9,6 +9,21 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The `kind` label values of `inferstream_rebalances_total`.
+pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
+
+/// Label values known before anything happens, from the modules that own
+/// them: class labels from the configuration, decisions and dead-letter
+/// reasons from `record`, skip reasons from `decode`, error kinds from
+/// `infer`.
+pub struct KnownLabels<'a> {
+    pub labels: &'a [String],
+    pub decisions: &'a [&'a str],
+    pub inference_errors: &'a [&'a str],
+    pub skip_reasons: &'a [&'a str],
+    pub dead_letter_reasons: &'a [&'a str],
+}
+
 /// The service's metrics, registered in their own registry.
 pub struct Metrics {
     pub registry: Registry,
@@ -134,37 +149,32 @@ impl Metrics {
             circuit_open: reg!(IntGauge::new("inferstream_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open (images wait, the endpoint is probed)")?),
             registry,
         };
-        for reason in crate::pipeline::decode::DeadLetterReason::ALL {
-            m.dead_letters.with_label_values(&[reason.as_str()]);
-        }
         Ok(m)
     }
 
     /// Creates every label combination known in advance, so that each
     /// series exists (at zero) from the start and `rate()` sees its first
-    /// increase.
-    pub fn init_labels(&self, labels: &[String]) {
-        for label in labels {
-            for decision in [
-                crate::record::Decision::Accepted,
-                crate::record::Decision::Review,
-            ] {
+    /// increase. The values come from the modules that own them (this
+    /// module depends on none of them).
+    pub fn init_labels(&self, known: &KnownLabels<'_>) {
+        for label in known.labels {
+            for decision in known.decisions {
                 self.predictions
-                    .with_label_values(&[label.as_str(), decision.as_str()]);
+                    .with_label_values(&[label.as_str(), decision]);
             }
             self.confidence.with_label_values(&[label.as_str()]);
         }
-        for class in crate::pipeline::infer::ERROR_CLASSES {
-            self.inference_errors
-                .with_label_values(&[crate::pipeline::infer::error_kind(class)]);
+        for kind in known.inference_errors {
+            self.inference_errors.with_label_values(&[kind]);
         }
-        self.inference_errors
-            .with_label_values(&[crate::pipeline::infer::BAD_RESPONSE]);
-        for kind in ["assign", "revoke", "lost"] {
+        for kind in REBALANCE_KINDS {
             self.rebalances.with_label_values(&[kind]);
         }
-        for reason in crate::pipeline::decode::SkipReason::ALL {
-            self.records_skipped.with_label_values(&[reason.as_str()]);
+        for reason in known.skip_reasons {
+            self.records_skipped.with_label_values(&[reason]);
+        }
+        for reason in known.dead_letter_reasons {
+            self.dead_letters.with_label_values(&[reason]);
         }
     }
 

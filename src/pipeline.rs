@@ -41,16 +41,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RequestMode};
-use crate::metrics::Metrics;
+use crate::metrics::{KnownLabels, Metrics};
 use crate::pipeline::ack::{Ack, Tracker};
 use crate::pipeline::capture::{CaptureLine, Capturer};
-use crate::pipeline::decode::{decode_limited, DeadLetterReason, ImageRef, Outcome};
+use crate::pipeline::decode::{decode_limited, ImageRef, Outcome};
 use crate::pipeline::fetch::{FetchError, Fetched, Fetcher};
 use crate::pipeline::infer::{InferError, Inference, Inferrer, Input};
 use crate::pipeline::sink::{Alerter, KafkaSink};
 use crate::pipeline::source::{Committer, InputConsumer, SourceContext};
 use crate::record::{
-    image_id, now_rfc3339, DeadLetter, Decision, Latency, Payload, Prediction, SourceRef,
+    now_rfc3339, DeadLetter, DeadLetterReason, Decision, Latency, Payload, Prediction, SourceRef,
     PREDICTION_SCHEMA,
 };
 
@@ -122,7 +122,13 @@ pub async fn start_with_sdk(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Service> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    metrics.init_labels(&config.endpoint.labels);
+    metrics.init_labels(&KnownLabels {
+        labels: &config.endpoint.labels,
+        decisions: &Decision::ALL.map(Decision::as_str),
+        inference_errors: &infer::ERROR_KINDS,
+        skip_reasons: &decode::SkipReason::ALL.map(|r| r.as_str()),
+        dead_letter_reasons: &DeadLetterReason::ALL.map(|r| r.as_str()),
+    });
     let tracker = Tracker::new(metrics.clone());
     let fetcher = Fetcher::new(
         crate::clients::aws::s3_client(&sdk, &config),
@@ -1037,7 +1043,7 @@ fn prediction(
     let ms = |d: Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
     Prediction {
         schema: PREDICTION_SCHEMA.to_string(),
-        id: image_id(&image, fetched.etag.as_deref()),
+        id: image.id(fetched.etag.as_deref()),
         size: fetched.body.len() as u64,
         etag: image.etag.clone().or(fetched.etag.clone()),
         version_id: image.version_id.clone(),

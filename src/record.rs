@@ -6,10 +6,72 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::decode::{DeadLetterReason, ImageRef};
-
 pub const PREDICTION_SCHEMA: &str = "inferstream.prediction.v1";
 pub const DEADLETTER_SCHEMA: &str = "inferstream.deadletter.v1";
+
+/// The closed set of dead-letter reasons (DESIGN.md "Dead letter").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterReason {
+    /// Not JSON, not a known shape, or a required field missing or mistyped.
+    MalformedEvent,
+    /// A known shape with an unsupported version.
+    UnsupportedEvent,
+    /// Bucket outside `filter.allowed_buckets`.
+    BucketNotAllowed,
+    /// GetObject answered NoSuchKey / 404.
+    ObjectNotFound,
+    /// Object larger than `fetch.max_object_bytes`.
+    ObjectTooLarge,
+    /// The bytes are not JPEG, PNG, GIF, WebP or BMP.
+    NotAnImage,
+    /// S3 kept failing (after retries) or denied access.
+    FetchFailed,
+    /// The endpoint rejected this image (ValidationError, ModelError).
+    EndpointRejected,
+    /// The endpoint stayed unavailable through every retry.
+    EndpointUnavailable,
+    /// The endpoint's answer did not have the expected shape or length.
+    BadEndpointResponse,
+    /// The SNS alert for a review prediction could not be published.
+    AlertFailed,
+    /// The message announces more records than `pipeline.max_records_per_message`.
+    TooManyRecords,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 12] = [
+        DeadLetterReason::MalformedEvent,
+        DeadLetterReason::UnsupportedEvent,
+        DeadLetterReason::BucketNotAllowed,
+        DeadLetterReason::ObjectNotFound,
+        DeadLetterReason::ObjectTooLarge,
+        DeadLetterReason::NotAnImage,
+        DeadLetterReason::FetchFailed,
+        DeadLetterReason::EndpointRejected,
+        DeadLetterReason::EndpointUnavailable,
+        DeadLetterReason::BadEndpointResponse,
+        DeadLetterReason::AlertFailed,
+        DeadLetterReason::TooManyRecords,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::MalformedEvent => "malformed_event",
+            DeadLetterReason::UnsupportedEvent => "unsupported_event",
+            DeadLetterReason::BucketNotAllowed => "bucket_not_allowed",
+            DeadLetterReason::ObjectNotFound => "object_not_found",
+            DeadLetterReason::ObjectTooLarge => "object_too_large",
+            DeadLetterReason::NotAnImage => "not_an_image",
+            DeadLetterReason::FetchFailed => "fetch_failed",
+            DeadLetterReason::EndpointRejected => "endpoint_rejected",
+            DeadLetterReason::EndpointUnavailable => "endpoint_unavailable",
+            DeadLetterReason::BadEndpointResponse => "bad_endpoint_response",
+            DeadLetterReason::AlertFailed => "alert_failed",
+            DeadLetterReason::TooManyRecords => "too_many_records",
+        }
+    }
+}
 
 /// Where an input came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +89,8 @@ pub enum Decision {
 }
 
 impl Decision {
+    pub const ALL: [Decision; 2] = [Decision::Accepted, Decision::Review];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Accepted => "accepted",
@@ -181,17 +245,6 @@ pub fn truncate_str(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// The stable id of an image: `bucket/key@version`, else `@etag`.
-pub fn image_id(img: &ImageRef, fetched_etag: Option<&str>) -> String {
-    let tag = img
-        .version_id
-        .as_deref()
-        .or(img.etag.as_deref())
-        .or(fetched_etag)
-        .unwrap_or("-");
-    format!("{}/{}@{}", img.bucket, img.key, tag.trim_matches('"'))
-}
-
 /// Kafka key of every output about an object.
 pub fn kafka_key(bucket: &str, key: &str) -> String {
     format!("{bucket}/{key}")
@@ -271,27 +324,6 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_prefer_version_then_etag() {
-        let mut img = ImageRef {
-            bucket: "uploads".into(),
-            key: "bikes/img 1.png".into(),
-            size: None,
-            etag: Some("\"abc\"".into()),
-            version_id: None,
-            event_time: None,
-        };
-        assert_eq!(image_id(&img, None), "uploads/bikes/img 1.png@abc");
-        img.version_id = Some("v1".into());
-        assert_eq!(image_id(&img, Some("zzz")), "uploads/bikes/img 1.png@v1");
-        img.version_id = None;
-        img.etag = None;
-        assert_eq!(
-            image_id(&img, Some("\"zzz\"")),
-            "uploads/bikes/img 1.png@zzz"
-        );
-    }
 
     #[test]
     fn long_payloads_are_cut_with_their_size_and_hash() {

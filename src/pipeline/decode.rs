@@ -8,6 +8,7 @@
 use serde_json::Value;
 
 use crate::config::FilterConfig;
+use crate::record::DeadLetterReason;
 
 /// Largest message decoded; bigger ones are dead-lettered as malformed.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -32,6 +33,20 @@ pub struct ImageRef {
     pub etag: Option<String>,
     pub version_id: Option<String>,
     pub event_time: Option<String>,
+}
+
+impl ImageRef {
+    /// The stable id of its predictions: `bucket/key@version`, else
+    /// `@etag` (the event's, else the one S3 answered with).
+    pub fn id(&self, fetched_etag: Option<&str>) -> String {
+        let tag = self
+            .version_id
+            .as_deref()
+            .or(self.etag.as_deref())
+            .or(fetched_etag)
+            .unwrap_or("-");
+        format!("{}/{}@{}", self.bucket, self.key, tag.trim_matches('"'))
+    }
 }
 
 /// Why a record was skipped: a counted, terminal outcome.
@@ -72,70 +87,6 @@ pub struct Rejected {
     pub detail: String,
     pub bucket: Option<String>,
     pub key: Option<String>,
-}
-
-/// The closed set of dead-letter reasons (DESIGN.md "Dead letter").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeadLetterReason {
-    /// Not JSON, not a known shape, or a required field missing or mistyped.
-    MalformedEvent,
-    /// A known shape with an unsupported version.
-    UnsupportedEvent,
-    /// Bucket outside `filter.allowed_buckets`.
-    BucketNotAllowed,
-    /// GetObject answered NoSuchKey / 404.
-    ObjectNotFound,
-    /// Object larger than `fetch.max_object_bytes`.
-    ObjectTooLarge,
-    /// The bytes are not JPEG, PNG, GIF, WebP or BMP.
-    NotAnImage,
-    /// S3 kept failing (after retries) or denied access.
-    FetchFailed,
-    /// The endpoint rejected this image (ValidationError, ModelError).
-    EndpointRejected,
-    /// The endpoint stayed unavailable through every retry.
-    EndpointUnavailable,
-    /// The endpoint's answer did not have the expected shape or length.
-    BadEndpointResponse,
-    /// The SNS alert for a review prediction could not be published.
-    AlertFailed,
-    /// The message announces more records than `pipeline.max_records_per_message`.
-    TooManyRecords,
-}
-
-impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 12] = [
-        DeadLetterReason::MalformedEvent,
-        DeadLetterReason::UnsupportedEvent,
-        DeadLetterReason::BucketNotAllowed,
-        DeadLetterReason::ObjectNotFound,
-        DeadLetterReason::ObjectTooLarge,
-        DeadLetterReason::NotAnImage,
-        DeadLetterReason::FetchFailed,
-        DeadLetterReason::EndpointRejected,
-        DeadLetterReason::EndpointUnavailable,
-        DeadLetterReason::BadEndpointResponse,
-        DeadLetterReason::AlertFailed,
-        DeadLetterReason::TooManyRecords,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::MalformedEvent => "malformed_event",
-            DeadLetterReason::UnsupportedEvent => "unsupported_event",
-            DeadLetterReason::BucketNotAllowed => "bucket_not_allowed",
-            DeadLetterReason::ObjectNotFound => "object_not_found",
-            DeadLetterReason::ObjectTooLarge => "object_too_large",
-            DeadLetterReason::NotAnImage => "not_an_image",
-            DeadLetterReason::FetchFailed => "fetch_failed",
-            DeadLetterReason::EndpointRejected => "endpoint_rejected",
-            DeadLetterReason::EndpointUnavailable => "endpoint_unavailable",
-            DeadLetterReason::BadEndpointResponse => "bad_endpoint_response",
-            DeadLetterReason::AlertFailed => "alert_failed",
-            DeadLetterReason::TooManyRecords => "too_many_records",
-        }
-    }
 }
 
 /// One record of a message, decoded.
@@ -497,6 +448,24 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn ids_prefer_version_then_etag() {
+        let mut img = ImageRef {
+            bucket: "uploads".into(),
+            key: "bikes/img 1.png".into(),
+            size: None,
+            etag: Some("\"abc\"".into()),
+            version_id: None,
+            event_time: None,
+        };
+        assert_eq!(img.id(None), "uploads/bikes/img 1.png@abc");
+        img.version_id = Some("v1".into());
+        assert_eq!(img.id(Some("zzz")), "uploads/bikes/img 1.png@v1");
+        img.version_id = None;
+        img.etag = None;
+        assert_eq!(img.id(Some("\"zzz\"")), "uploads/bikes/img 1.png@zzz");
     }
 
     #[test]

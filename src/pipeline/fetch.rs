@@ -8,7 +8,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::clients::aws::{backoff, classify, describe, ErrorClass};
 use crate::config::FetchConfig;
-use crate::pipeline::decode::{DeadLetterReason, ImageRef};
+use crate::pipeline::decode::ImageRef;
+use crate::record::DeadLetterReason;
 
 /// Image formats the service accepts, by their first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

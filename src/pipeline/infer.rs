@@ -21,8 +21,8 @@ use crate::clients::aws::{backoff, classify, describe, ErrorClass};
 use crate::config::{EndpointConfig, RequestMode};
 use crate::metrics::Metrics;
 use crate::pipeline::breaker::{Admission, Breaker};
-use crate::pipeline::decode::DeadLetterReason;
 use crate::pipeline::fetch::ImageKind;
+use crate::record::DeadLetterReason;
 
 /// Why an image got no prediction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -518,14 +518,16 @@ pub fn error_kind(class: ErrorClass) -> &'static str {
 /// The `kind` of an answer whose shape or length does not fit.
 pub const BAD_RESPONSE: &str = "bad_response";
 
-/// Every error class, for initialising the metric's label values.
-pub const ERROR_CLASSES: [ErrorClass; 6] = [
-    ErrorClass::Throttled,
-    ErrorClass::Unavailable,
-    ErrorClass::Timeout,
-    ErrorClass::Network,
-    ErrorClass::Rejected,
-    ErrorClass::Systemic,
+/// Every `kind` of `inferstream_inference_errors_total`, for initialising
+/// the metric's label values.
+pub const ERROR_KINDS: [&str; 7] = [
+    "throttled",
+    "server_error",
+    "timeout",
+    "network",
+    "rejected",
+    "refused",
+    BAD_RESPONSE,
 ];
 
 /// `{"instances": [{"b64": "..."}, ...]}`
@@ -653,6 +655,14 @@ mod tests {
             .unwrap_err()
             .contains("2 predictions for 3 images"));
         assert!(parse_batch(br#"{"predictions": [[0.1, 0.9], [0.8]]}"#, 2, 2).is_err());
+    }
+
+    #[test]
+    fn every_error_kind_is_initialised() {
+        use ErrorClass::*;
+        for class in [Throttled, Unavailable, Timeout, Network, Rejected, Systemic] {
+            assert!(ERROR_KINDS.contains(&error_kind(class)), "{class:?}");
+        }
     }
 
     #[test]
