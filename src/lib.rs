@@ -21,6 +21,7 @@
 //! [`http`], [`shutdown`]; the local model server in [`endpoint`]; charts
 //! from data capture in [`report`].
 
+pub mod app;
 pub mod clients;
 pub mod config;
 pub mod http;

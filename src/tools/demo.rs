@@ -69,6 +69,32 @@ pub struct Summary {
     pub report: Vec<PathBuf>,
 }
 
+/// `inferstream demo`: runs the demo with the configuration at `path`
+/// (or the default file), prints its summary; exit 2 on bad configuration.
+pub async fn command(path: Option<&std::path::Path>, opts: DemoOptions) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let cfg = match Config::load_unchecked(crate::app::config_path(path).as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The embedded S3 server logs every error response it sends; the demo
+    // shows outcomes itself.
+    crate::app::init_logging(cfg.log.format, "warn,s3s=off");
+    match run(cfg, opts).await {
+        Ok(summary) => {
+            println!("\nsummary\n{}", summary.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the demo. `config` supplies everything not embedded (threshold,
 /// labels, batching, SNS when `alerts.topic_arn` is set).
 pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summary> {

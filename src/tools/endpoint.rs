@@ -300,6 +300,43 @@ pub fn spawn(
     })
 }
 
+/// `inferstream endpoint`: serves on `listen` until SIGTERM or SIGINT.
+pub async fn command(listen: &str, opts: EndpointOptions) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    crate::app::init_logging(crate::config::LogFormat::Text, "info");
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    if let Err(e) = crate::shutdown::on_signals(shutdown.clone()) {
+        tracing::error!(error = %e, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    let running = match spawn(listener, opts, shutdown) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the endpoint");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(url = %running.url(), "endpoint listening");
+    match running.task.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "endpoint failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "endpoint task failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn stats_handler(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     axum::Json(state.stats.view())
 }

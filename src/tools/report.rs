@@ -485,6 +485,66 @@ fn by_label<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point])
     legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
+/// `inferstream report`: reads the capture at `from` (s3://bucket/prefix,
+/// with the S3 settings of the configuration at `path`, or a directory) and
+/// writes the charts into `out`.
+pub async fn command(path: Option<&Path>, from: &str, out: &Path) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    crate::app::init_logging(crate::config::LogFormat::Text, "warn");
+    let loaded = if from.starts_with("s3://") {
+        let Some((bucket, prefix)) = crate::config::parse_s3_url(from) else {
+            eprintln!("error: --from `{}` is not s3://bucket/prefix", from);
+            return ExitCode::from(2);
+        };
+        let cfg =
+            match crate::config::Config::load_unchecked(crate::app::config_path(path).as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+        let sdk = crate::clients::aws::sdk_config(&cfg).await;
+        let client = crate::clients::aws::s3_client(&sdk, &cfg);
+        load_s3(&client, &bucket, &prefix).await
+    } else {
+        load_dir(Path::new(from))
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "read {} predictions from {} capture objects in {}{}",
+        loaded.points.len(),
+        loaded.objects,
+        from,
+        if loaded.bad_lines > 0 {
+            format!(
+                " ({} lines were not capture records and were skipped)",
+                loaded.bad_lines
+            )
+        } else {
+            String::new()
+        }
+    );
+    match render(&loaded.points, out) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
