@@ -52,11 +52,8 @@ impl PartitionState {
     fn position(&self) -> Option<i64> {
         // Normally the lowest pending offset is below `next`; after a rewind
         // an offset still in flight from before may be above it.
-        match (self.pending.keys().next(), self.next) {
-            (Some(&p), Some(n)) => Some(p.min(n)),
-            (Some(&p), None) => Some(p),
-            (None, n) => n,
-        }
+        self.next
+            .map(|n| self.pending.keys().next().map_or(n, |&p| p.min(n)))
     }
 }
 
@@ -64,6 +61,17 @@ impl PartitionState {
 struct State {
     partitions: HashMap<i32, PartitionState>,
     next_epoch: u64,
+}
+
+impl State {
+    /// Messages in flight in `partitions` (all if empty).
+    fn pending(&self, partitions: &[i32]) -> usize {
+        self.partitions
+            .iter()
+            .filter(|(p, _)| partitions.is_empty() || partitions.contains(p))
+            .map(|(_, s)| s.pending.values().map(|n| *n as usize).sum::<usize>())
+            .sum()
+    }
 }
 
 /// Per-partition bookkeeping of in-flight input offsets.
@@ -325,12 +333,7 @@ impl Tracker {
 
     /// Offsets still pending in the given partitions (all if empty).
     pub fn pending(&self, partitions: &[i32]) -> usize {
-        let st = self.lock();
-        st.partitions
-            .iter()
-            .filter(|(p, _)| partitions.is_empty() || partitions.contains(p))
-            .map(|(_, s)| s.pending.values().map(|n| *n as usize).sum::<usize>())
-            .sum()
+        self.lock().pending(partitions)
     }
 
     /// Blocks until no offset of `partitions` (all if empty) is pending, a
@@ -340,14 +343,7 @@ impl Tracker {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
-            let pending: usize = st
-                .partitions
-                .iter()
-                .filter(|(p, _)| partitions.is_empty() || partitions.contains(p))
-                .map(|(_, s)| s.pending.len())
-                .sum();
-            // (distinct offsets: zero means none)
-            if pending == 0 {
+            if st.pending(partitions) == 0 {
                 return true;
             }
             if self.fatal.is_cancelled()

@@ -693,11 +693,6 @@ impl ServiceProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The exit status, once the process has ended.
-    pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -739,6 +734,12 @@ impl ServiceProc {
             .status()
             .expect("kill -TERM");
         assert!(status.success());
+        self.wait_exit(deadline).await
+    }
+
+    /// Waits until the process ended; its exit status (panics if it is
+    /// still running after `deadline`).
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let end = Instant::now() + deadline;
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
@@ -746,7 +747,7 @@ impl ServiceProc {
             }
             assert!(
                 Instant::now() < end,
-                "service did not stop after SIGTERM; log: {}",
+                "service still running after {deadline:?}; log: {}",
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -780,7 +781,49 @@ impl Drop for FaultProxy {
     }
 }
 
+/// The counters and stop signal a proxy's connections share.
+#[derive(Clone)]
+struct ProxyState {
+    slowed: Arc<AtomicU64>,
+    hung: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
 impl FaultProxy {
+    /// Listens on a free port and hands every connection to `serve` (in a
+    /// task of its own) until the proxy is dropped.
+    async fn spawn<F, Fut>(mut serve: F) -> FaultProxy
+    where
+        F: FnMut(tokio::net::TcpStream, ProxyState) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = ProxyState {
+            slowed: Arc::new(AtomicU64::new(0)),
+            hung: Arc::new(AtomicU64::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let proxy = FaultProxy {
+            url,
+            slowed: state.slowed.clone(),
+            hung: state.hung.clone(),
+            stop: state.stop.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let client = tokio::select! {
+                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
+                    _ = state.stop.cancelled() => return,
+                };
+                tokio::spawn(serve(client, state.clone()));
+            }
+        });
+        proxy
+    }
+
     /// A proxy that holds every request of `method` (e.g. `PUT`) without
     /// answering, and passes the others through. Each request goes on a
     /// connection of its own (`Connection: close`), so that the choice is
@@ -788,114 +831,76 @@ impl FaultProxy {
     pub async fn hang_method(upstream: &str, method: &'static str) -> FaultProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = upstream.trim_start_matches("http://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (slowed, hung) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let stop = CancellationToken::new();
-        let (h, st) = (hung.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let mut client = tokio::select! {
-                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
-                    _ = st.cancelled() => return,
+        FaultProxy::spawn(move |mut client, state| {
+            let upstream = upstream.clone();
+            async move {
+                // The request head.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(format!("{method} ").as_bytes()) {
+                    state.hung.fetch_add(1, Ordering::Relaxed);
+                    state.stop.cancelled().await;
+                    return;
+                }
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    return;
                 };
-                let upstream = upstream.clone();
-                let (h, st) = (h.clone(), st.clone());
-                tokio::spawn(async move {
-                    // The request head.
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
-                        match client.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                let text = String::from_utf8_lossy(&head[..end]).to_string();
+                let mut rewritten: Vec<&str> = text
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .collect();
+                rewritten.push("Connection: close");
+                let mut out = rewritten.join("\r\n").into_bytes();
+                out.extend_from_slice(b"\r\n\r\n");
+                out.extend_from_slice(&head[end + 4..]);
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    if server.write_all(&out).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
-                    if head.starts_with(format!("{method} ").as_bytes()) {
-                        h.fetch_add(1, Ordering::Relaxed);
-                        st.cancelled().await;
-                        return;
-                    }
-                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        return;
-                    };
-                    let text = String::from_utf8_lossy(&head[..end]).to_string();
-                    let mut rewritten: Vec<&str> = text
-                        .split("\r\n")
-                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                        .collect();
-                    rewritten.push("Connection: close");
-                    let mut out = rewritten.join("\r\n").into_bytes();
-                    out.extend_from_slice(b"\r\n\r\n");
-                    out.extend_from_slice(&head[end + 4..]);
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        if server.write_all(&out).await.is_ok() {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    }
-                });
+                }
             }
-        });
-        FaultProxy {
-            url,
-            slowed,
-            hung,
-            stop,
-        }
+        })
+        .await
     }
 
     pub async fn start(upstream: &str, slow_down: f64, hang: f64, seed: u64) -> FaultProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = upstream.trim_start_matches("http://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (slowed, hung) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let stop = CancellationToken::new();
-        let (s, h, st) = (slowed.clone(), hung.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut dice = fastrand::Rng::with_seed(seed);
-            loop {
-                let mut client = tokio::select! {
-                    r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
-                    _ = st.cancelled() => return,
-                };
-                let roll = dice.f64();
-                let upstream = upstream.clone();
-                let (s, h, st) = (s.clone(), h.clone(), st.clone());
-                tokio::spawn(async move {
-                    if roll < slow_down {
-                        // Read the request head, then answer like S3 does.
-                        let mut buf = [0u8; 4096];
-                        let _ = client.read(&mut buf).await;
-                        s.fetch_add(1, Ordering::Relaxed);
-                        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-                        let resp = format!(
-                            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = client.write_all(resp.as_bytes()).await;
-                        let _ = client.shutdown().await;
-                    } else if roll < slow_down + hang {
-                        h.fetch_add(1, Ordering::Relaxed);
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                            _ = st.cancelled() => {}
-                        }
-                    } else if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        let mut dice = fastrand::Rng::with_seed(seed);
+        FaultProxy::spawn(move |mut client, state| {
+            let roll = dice.f64();
+            let upstream = upstream.clone();
+            async move {
+                if roll < slow_down {
+                    // Read the request head, then answer like S3 does.
+                    let mut buf = [0u8; 4096];
+                    let _ = client.read(&mut buf).await;
+                    state.slowed.fetch_add(1, Ordering::Relaxed);
+                    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                    let resp = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = client.write_all(resp.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                } else if roll < slow_down + hang {
+                    state.hung.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                        _ = state.stop.cancelled() => {}
                     }
-                });
+                } else if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
             }
-        });
-        FaultProxy {
-            url,
-            slowed,
-            hung,
-            stop,
-        }
+        })
+        .await
     }
 }

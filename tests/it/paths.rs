@@ -221,18 +221,7 @@ async fn denied_expired_or_missing_endpoints_pause_with_the_cause_logged() {
 }
 
 async fn put_crash_and_good(stack: &Stack, prefix: &str, good: usize) -> Vec<(String, Vec<u8>)> {
-    let mut events = Vec::new();
-    for i in 0..good {
-        let key = format!("{prefix}/{i}.png");
-        let etag = stack
-            .put_object(
-                "uploads",
-                &key,
-                test_image(1, 0.99, 2, 16, ImageFormat::Png),
-            )
-            .await;
-        events.push((key.clone(), event(Shape::S3, "uploads", &key, 0, &etag)));
-    }
+    let (_, mut events) = s3_images(stack, good, prefix).await;
     let key = format!("{prefix}/crash.png");
     let etag = stack.put_object("uploads", &key, crash_image(16)).await;
     events.insert(
@@ -670,22 +659,6 @@ async fn an_offset_reset_by_retention_is_counted_and_logged() {
 // ------------------------------------------------------------------
 // Findings of the independent review of the delivery path (issue #10).
 
-/// Waits until the service process ended; its exit status.
-async fn exited(service: &mut ServiceProc, deadline: Duration) -> std::process::ExitStatus {
-    let end = std::time::Instant::now() + deadline;
-    loop {
-        if let Some(status) = service.try_status() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "still running after {deadline:?}; log: {}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Review finding: commits that are answered, but always with an error,
 /// let completed work pile up uncommitted without bound (and with it the
 /// duplicates of a crash). Past 6 × `kafka.commit_timeout` the service
@@ -700,7 +673,7 @@ async fn offset_commits_that_keep_failing_stop_the_service() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 1000],
     );
     let mut service = stack.service(&[("KAFKA__COMMIT_TIMEOUT", "1s")]).await;
-    let status = exited(&mut service, MINUTE).await;
+    let status = service.wait_exit(MINUTE).await;
     assert!(!status.success(), "{status}");
     assert!(
         service.log_all().contains("offset commits have failed"),
@@ -771,7 +744,7 @@ async fn a_fenced_static_member_stops_instead_of_idling() {
         RDKafkaApiKey::Heartbeat,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID; 20],
     );
-    let status = exited(&mut service, MINUTE).await;
+    let status = service.wait_exit(MINUTE).await;
     assert!(!status.success(), "{status}");
     assert!(service.log_all().contains("fatal Kafka consumer error"));
 }
