@@ -242,7 +242,75 @@ pub struct AlertsConfig {
     /// Deadline of one Publish call.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// `digest` (one message per window and label group, from the review
+    /// topic) or `each` (one message per review image, on the hot path).
+    pub mode: AlertMode,
+    /// A digest collects review images for this long after its first one.
+    #[serde(with = "humantime_serde")]
+    pub digest_window: Duration,
+    /// Images listed one by one in a digest's text; the rest are counted.
+    pub digest_max_items: usize,
+    /// Digests per label group: group name -> labels. Labels in no group
+    /// share one digest (`all`, or `other` when groups are configured).
+    #[serde(default)]
+    pub label_groups: BTreeMap<String, Vec<String>>,
+    /// What each listed image links to.
+    pub link: AlertLink,
+    /// Validity of `presigned` links.
+    #[serde(with = "humantime_serde")]
+    pub presign_expiry: Duration,
+    /// An image alerted within this window is not alerted again.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// Images listed per hour; beyond it, one storm summary per window.
+    pub max_per_hour: u32,
+    /// Consumer group of the digest alerter; empty means `<kafka.group_id>-alerts`.
+    #[serde(default)]
+    pub group_id: String,
+    /// Compacted topic holding which images were alerted (deduplication).
+    pub state_topic: String,
 }
+
+/// How review predictions become SNS messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertMode {
+    /// One message per review image, published before its offset commits.
+    Each,
+    /// Digests from the review topic, deduplicated, storm-controlled.
+    Digest,
+}
+
+/// What a digest links each image to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertLink {
+    /// The S3 console page of the object (needs a console login).
+    Console,
+    /// A presigned GetObject URL valid for `alerts.presign_expiry`.
+    Presigned,
+    /// The `s3://bucket/key` URI.
+    S3,
+}
+
+impl AlertsConfig {
+    /// The digest alerter's consumer group.
+    pub fn group_id(&self, kafka: &KafkaConfig) -> String {
+        if self.group_id.is_empty() {
+            format!("{}-alerts", kafka.group_id)
+        } else {
+            self.group_id.clone()
+        }
+    }
+
+    /// Whether the digest alerter runs.
+    pub fn digests(&self) -> bool {
+        self.enabled && self.mode == AlertMode::Digest
+    }
+}
+
+/// The longest validity of a SigV4 presigned URL.
+pub const MAX_PRESIGN_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -692,6 +760,92 @@ impl Config {
         if self.alerts.timeout.is_zero() {
             err("alerts.timeout", "must be above zero".into());
         }
+        let a = &self.alerts;
+        if a.digest_window.is_zero() {
+            err("alerts.digest_window", "must be above zero".into());
+        }
+        if a.digest_max_items == 0 {
+            err("alerts.digest_max_items", "must be at least 1".into());
+        }
+        if a.max_per_hour == 0 {
+            err(
+                "alerts.max_per_hour",
+                "must be at least 1 (set alerts.enabled = false for no alerts)".into(),
+            );
+        }
+        if a.dedup_window < a.digest_window {
+            err(
+                "alerts.dedup_window",
+                format!(
+                    "({}) must not be below alerts.digest_window ({})",
+                    humantime::format_duration(a.dedup_window),
+                    humantime::format_duration(a.digest_window)
+                ),
+            );
+        }
+        if a.presign_expiry.is_zero() || a.presign_expiry > MAX_PRESIGN_EXPIRY {
+            err(
+                "alerts.presign_expiry",
+                format!(
+                    "{} is outside 1s..=7days, the validity SigV4 allows",
+                    humantime::format_duration(a.presign_expiry)
+                ),
+            );
+        }
+        let mut grouped = BTreeMap::new();
+        for (group, labels) in &a.label_groups {
+            let key = format!("alerts.label_groups.{group}");
+            if group.trim().is_empty() || !group.chars().all(|c| c.is_ascii_graphic()) {
+                err(
+                    &key,
+                    "a group name must be printable ASCII without spaces".into(),
+                );
+            }
+            if labels.is_empty() {
+                err(&key, "lists no label".into());
+            }
+            for label in labels {
+                if !self.endpoint.labels.contains(label) {
+                    err(
+                        &key,
+                        format!(
+                            "`{label}` is not one of endpoint.labels {:?}",
+                            self.endpoint.labels
+                        ),
+                    );
+                } else if let Some(other) = grouped.insert(label.clone(), group.clone()) {
+                    err(&key, format!("`{label}` is in group `{other}` already"));
+                }
+            }
+        }
+        if a.digests() {
+            let k = &self.kafka;
+            if a.state_topic.trim().is_empty() {
+                err("alerts.state_topic", "is empty".into());
+            }
+            for (key, topic) in [
+                ("kafka.input_topic", &k.input_topic),
+                ("kafka.results_topic", &k.results_topic),
+                ("kafka.review_topic", &k.review_topic),
+                ("kafka.dead_letter_topic", &k.dead_letter_topic),
+            ] {
+                if *topic == a.state_topic {
+                    err(
+                        "alerts.state_topic",
+                        format!("is {key} `{topic}`; use a topic of its own"),
+                    );
+                }
+            }
+            if a.group_id(k) == k.group_id {
+                err(
+                    "alerts.group_id",
+                    format!(
+                        "is kafka.group_id `{}`; the alerter needs a group of its own",
+                        k.group_id
+                    ),
+                );
+            }
+        }
 
         let p = &self.pipeline;
         if p.max_in_flight == 0 {
@@ -980,6 +1134,41 @@ mod tests {
             "INFERSTREAM__ALERTS__TOPIC_ARN".into(),
             "arn:aws:sns:us-east-1:123456789012:alerts".into(),
         )]
+    }
+
+    #[test]
+    fn digest_settings_are_checked_by_name() {
+        let cfg = Config::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(cfg.alerts.mode, AlertMode::Digest, "digests by default");
+        assert_eq!(cfg.alerts.group_id(&cfg.kafka), "inferstream-alerts");
+        let text = "[alerts]
+topic_arn = \"arn:aws:sns:us-east-1:1:a\"
+digest_window = \"2h\"
+dedup_window = \"1h\"
+presign_expiry = \"8days\"
+digest_max_items = 0
+max_per_hour = 0
+state_topic = \"inferstream-review\"
+group_id = \"inferstream\"
+[alerts.label_groups]
+bikes = [\"bicycle\", \"tricycle\"]
+motors = [\"motorcycle\", \"bicycle\"]
+empty = []
+";
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        for want in [
+            "alerts.dedup_window: (1h) must not be below alerts.digest_window (2h)",
+            "alerts.presign_expiry: 8days is outside 1s..=7days",
+            "alerts.digest_max_items: must be at least 1",
+            "alerts.max_per_hour: must be at least 1",
+            "alerts.state_topic: is kafka.review_topic `inferstream-review`",
+            "alerts.group_id: is kafka.group_id `inferstream`",
+            "alerts.label_groups.bikes: `tricycle` is not one of endpoint.labels",
+            "alerts.label_groups.motors: `bicycle` is in group `bikes` already",
+            "alerts.label_groups.empty: lists no label",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
     }
 
     #[test]

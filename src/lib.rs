@@ -40,6 +40,8 @@
 //!   pipeline/route.rs      confidence threshold -> accepted or review
 //!   pipeline/sink.rs       Kafka results/review/dead-letter topics, SNS alerts
 //!   pipeline/capture.rs    sampled predictions to S3 (data capture)
+//!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
+//!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
 //! tools.rs               tools a user runs beside the service:
 //!   tools/endpoint.rs      `inferstream endpoint`, a SageMaker-compatible test model
@@ -91,6 +93,8 @@ mod layout_tests {
         ("pipeline::route", 17),
         ("pipeline::sink", 18),
         ("pipeline::capture", 19),
+        ("pipeline::digest", 20),
+        ("pipeline::alerts", 21),
         ("pipeline", 30),
         ("app", 40),
         ("tools", 50),

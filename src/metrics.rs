@@ -12,6 +12,9 @@ use prometheus::{
 /// The `kind` label values of `inferstream_rebalances_total`.
 pub const REBALANCE_KINDS: [&str; 3] = ["assign", "revoke", "lost"];
 
+/// The `reason` label values of `inferstream_alerts_suppressed_total`.
+pub const SUPPRESSED_REASONS: [&str; 2] = ["duplicate", "storm"];
+
 /// Label values known before anything happens, from the modules that own
 /// them: class labels from the configuration, decisions and dead-letter
 /// reasons from `record`, skip reasons from `decode`, error kinds from
@@ -42,6 +45,9 @@ pub struct Metrics {
     pub confidence: HistogramVec,
     pub alerts_published: IntCounter,
     pub alerts_failed: IntCounter,
+    pub alerts_listed: IntCounter,
+    pub alerts_suppressed: IntCounterVec,
+    pub alerts_pending: IntGauge,
     pub dead_letters: IntCounterVec,
     pub in_flight: IntGauge,
     pub end_to_end: Histogram,
@@ -122,7 +128,14 @@ impl Metrics {
                 &["label"]
             )?),
             alerts_published: reg!(counter("inferstream_alerts_published_total", "SNS alerts published")?),
-            alerts_failed: reg!(counter("inferstream_alerts_failed_total", "SNS alerts that failed every attempt")?),
+            alerts_failed: reg!(counter("inferstream_alerts_failed_total", "SNS alerts that failed every attempt (each mode); failed Publish attempts of digests")?),
+            alerts_listed: reg!(counter("inferstream_alerts_listed_total", "Review images listed in published digests")?),
+            alerts_suppressed: reg!(counter_vec(
+                "inferstream_alerts_suppressed_total",
+                "Review images not listed in a digest, by reason (duplicate: alerted within alerts.dedup_window; storm: over alerts.max_per_hour, counted in a storm summary)",
+                &["reason"]
+            )?),
+            alerts_pending: reg!(IntGauge::new("inferstream_alerts_pending_images", "Review images read by the digest alerter and not yet in a published digest")?),
             dead_letters: reg!(counter_vec("inferstream_dead_letters_total", "Dead-letter records written, by reason", &["reason"])?),
             in_flight: reg!(IntGauge::new("inferstream_in_flight_images", "Images consumed and not yet completed")?),
             end_to_end: reg!(histogram(
@@ -169,6 +182,9 @@ impl Metrics {
         }
         for kind in REBALANCE_KINDS {
             self.rebalances.with_label_values(&[kind]);
+        }
+        for reason in SUPPRESSED_REASONS {
+            self.alerts_suppressed.with_label_values(&[reason]);
         }
         for reason in known.skip_reasons {
             self.records_skipped.with_label_values(&[reason]);

@@ -13,10 +13,12 @@
 //! and leave the group.
 
 pub mod ack;
+pub mod alerts;
 pub mod batch;
 pub mod breaker;
 pub mod capture;
 pub mod decode;
+pub mod digest;
 pub mod fetch;
 pub mod infer;
 pub mod route;
@@ -40,9 +42,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RequestMode};
+use crate::config::{AlertMode, Config, RequestMode};
 use crate::metrics::{KnownLabels, Metrics};
 use crate::pipeline::ack::{Ack, Tracker};
+use crate::pipeline::alerts::{Alerts, Links, Publisher};
 use crate::pipeline::capture::{CaptureLine, Capturer};
 use crate::pipeline::decode::{decode_limited, ImageRef, Outcome};
 use crate::pipeline::fetch::{FetchError, Fetched, Fetcher};
@@ -105,6 +108,7 @@ struct Parts {
     inferrer: Inferrer,
     sink: KafkaSink,
     alerter: Option<Alerter>,
+    alerts: Option<Alerts>,
     capture: Option<(Capturer, tokio::task::JoinHandle<()>)>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
@@ -121,6 +125,18 @@ pub async fn start_with_sdk(
     sdk: aws_config::SdkConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Service> {
+    start_with(config, sdk, shutdown, None).await
+}
+
+/// As [`start_with_sdk`]; alert digests go to `digests` instead of SNS
+/// when it is given (the demo prints them).
+pub async fn start_with(
+    config: Config,
+    sdk: aws_config::SdkConfig,
+    shutdown: CancellationToken,
+    digests: Option<mpsc::UnboundedSender<digest::Message>>,
+) -> anyhow::Result<Service> {
+    let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     metrics.init_labels(&KnownLabels {
         labels: &config.endpoint.labels,
@@ -148,18 +164,35 @@ pub async fn start_with_sdk(
     } else {
         None
     };
-    let alerter = config.alerts.enabled.then(|| {
+    let sns = (config.alerts.enabled && digests.is_none()).then(|| {
         Alerter::new(
             crate::clients::aws::sns_client(&sdk, &config),
             &config,
             metrics.clone(),
         )
     });
+    let (alerter, publisher) = match (config.alerts.mode, digests) {
+        (AlertMode::Each, _) => (sns, None),
+        (AlertMode::Digest, Some(tx)) => (None, Some(Publisher::Channel(tx))),
+        (AlertMode::Digest, None) => (None, sns.map(Publisher::Sns)),
+    };
 
     let producer: FutureProducer = crate::clients::kafka::producer_config(&config.kafka)
         .create()
         .context("creating the Kafka producer (check kafka.brokers and kafka.properties)")?;
     let sink = KafkaSink::new(producer.clone(), &config, metrics.clone());
+    let alerts = match publisher {
+        Some(publisher) if config.alerts.enabled => {
+            let links = Links {
+                kind: config.alerts.link,
+                region: sdk.region().map(ToString::to_string).unwrap_or_default(),
+                s3: crate::clients::aws::s3_client(&sdk, &config),
+                expiry: config.alerts.presign_expiry,
+            };
+            Some(Alerts::new(config.clone(), publisher, links, metrics.clone()).await?)
+        }
+        _ => None,
+    };
 
     let context = SourceContext::new(
         tracker.clone(),
@@ -221,13 +254,14 @@ pub async fn start_with_sdk(
         inferrer,
         sink,
         alerter,
+        alerts,
         capture,
         tracker,
         metrics: metrics.clone(),
         http,
         http_stop,
     };
-    let task = tokio::spawn(run(Arc::new(config), parts, shutdown));
+    let task = tokio::spawn(run(config, parts, shutdown));
     Ok(Service {
         metrics_addr,
         metrics,
@@ -250,12 +284,30 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         inferrer,
         sink,
         alerter,
+        alerts,
         capture,
         tracker,
         metrics,
         http,
         http_stop,
     } = parts;
+    // Digests from the review topic, beside the pipeline; a failure of
+    // theirs (or a panic) stops the service: alerts must not end silently.
+    let alerts_clients = alerts.as_ref().map(Alerts::clients);
+    let alerts_task = alerts.map(|a| {
+        let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
+        tokio::spawn(async move {
+            use futures::FutureExt as _;
+            let run = std::panic::AssertUnwindSafe(a.run(shutdown));
+            let failure = match run.catch_unwind().await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => "panicked".to_string(),
+            };
+            tracing::error!(error = %failure, "alert digests stopped");
+            tracker.fail_pipeline(format!("alert digests: {failure}"));
+        })
+    });
     let (capturer, capture_task) = capture.unzip();
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
@@ -337,6 +389,20 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
             .await
             .unwrap_or(false)
     };
+    // The digest alerter has been stopping since the signal: it finishes
+    // a Publish under way (within alerts.timeout).
+    if let Some(mut task) = alerts_task {
+        if tokio::time::timeout(left(drain_until).max(Duration::from_millis(100)), &mut task)
+            .await
+            .is_err()
+        {
+            // Dropped here; its Kafka clients are closed below, off the
+            // runtime's threads.
+            task.abort();
+            let _ = task.await;
+            tracing::warn!("alert digests did not stop within the drain; what they read is read again by the next reader");
+        }
+    }
     // From here on, work still in flight is abandoned: its offsets stay
     // uncommitted (and are re-delivered), nothing else is committed.
     tracker.close();
@@ -408,6 +474,18 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         let _ = producer.flush(flush_for);
     });
     let _ = tokio::time::timeout(left(deadline).max(Duration::from_millis(100)), flush).await;
+    // The alerter's clients: its producer flushed, its consumer closed
+    // (leaving its group), off the runtime's threads, within the budget.
+    if let Some((consumer, producer)) = alerts_clients {
+        let flush_for = left(deadline);
+        let close = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            let _ = producer.flush(flush_for);
+            drop(producer);
+            drop(consumer);
+        });
+        let _ = tokio::time::timeout(left(deadline).max(Duration::from_millis(100)), close).await;
+    }
     // Leave the group: the commit thread holds the consumer, so it ends
     // first; closing runs the last revocation (which commits, without
     // waiting) and the LeaveGroup.

@@ -37,10 +37,13 @@ pub enum DeadLetterReason {
     AlertFailed,
     /// The message announces more records than `pipeline.max_records_per_message`.
     TooManyRecords,
+    /// A record on the review topic that is not a review prediction (the
+    /// digest alerter reads that topic; something else wrote to it).
+    BadReviewRecord,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 12] = [
+    pub const ALL: [DeadLetterReason; 13] = [
         DeadLetterReason::MalformedEvent,
         DeadLetterReason::UnsupportedEvent,
         DeadLetterReason::BucketNotAllowed,
@@ -53,6 +56,7 @@ impl DeadLetterReason {
         DeadLetterReason::BadEndpointResponse,
         DeadLetterReason::AlertFailed,
         DeadLetterReason::TooManyRecords,
+        DeadLetterReason::BadReviewRecord,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +73,7 @@ impl DeadLetterReason {
             DeadLetterReason::BadEndpointResponse => "bad_endpoint_response",
             DeadLetterReason::AlertFailed => "alert_failed",
             DeadLetterReason::TooManyRecords => "too_many_records",
+            DeadLetterReason::BadReviewRecord => "bad_review_record",
         }
     }
 }

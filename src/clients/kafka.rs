@@ -46,6 +46,39 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The digest alerter's consumer of the review topic: a group of its own,
+/// offsets committed by hand after a digest is published.
+pub fn alerts_consumer_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = consumer_config(cfg);
+    c.set("client.id", "inferstream-alerts")
+        .set("group.id", group_id)
+        // A new group must not skip review records written before it
+        // first joined: those are alerts.
+        .set("auto.offset.reset", "earliest")
+        .remove("statistics.interval.ms");
+    if !cfg.instance_id.is_empty() {
+        c.set("group.instance.id", format!("{}-alerts", cfg.instance_id));
+    }
+    c
+}
+
+/// A reader of one partition of the alerter's state topic, from its start
+/// to its end; no group, nothing committed.
+pub fn state_reader_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("client.id", "inferstream-alerts-state")
+        // Required by librdkafka for a consumer; never joined or committed.
+        .set("group.id", format!("{group_id}-state"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    let mut c = with_properties(c, cfg);
+    for (k, v) in &cfg.consumer_properties {
+        c.set(k, v);
+    }
+    c
+}
+
 /// The output producer: idempotent, acks from all in-sync replicas.
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -87,6 +120,16 @@ mod tests {
                 .kafka,
         );
         assert_eq!(c.get("partition.assignment.strategy"), Some("range"));
+    }
+
+    #[test]
+    fn the_alerts_group_reads_the_review_topic_from_its_start() {
+        let cfg = config("[kafka]\nauto_offset_reset = \"latest\"\ninstance_id = \"pod-7\"\n");
+        let c = alerts_consumer_config(&cfg.kafka, "g-alerts");
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("group.id"), Some("g-alerts"));
+        assert_eq!(c.get("group.instance.id"), Some("pod-7-alerts"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 
     #[test]

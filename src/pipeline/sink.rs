@@ -134,6 +134,11 @@ impl Alerter {
     pub async fn alert(&self, p: &Prediction) -> Result<(), String> {
         let subject = subject(p);
         let message = message(p);
+        let attributes = [
+            ("label", "String", p.label.clone()),
+            ("decision", "String", p.decision.as_str().to_string()),
+            ("confidence", "Number", format!("{:.4}", p.confidence)),
+        ];
         let mut last = String::new();
         for attempt in 0..self.max_attempts {
             if attempt > 0 {
@@ -144,62 +149,78 @@ impl Alerter {
                 ))
                 .await;
             }
-            let attr = |data_type: &str, value: String| {
-                MessageAttributeValue::builder()
-                    .data_type(data_type)
-                    .string_value(value)
-                    .build()
-            };
-            let req = self
-                .client
-                .publish()
-                .topic_arn(&self.topic_arn)
-                .subject(&subject)
-                .message(&message);
-            let req = match (
-                attr("String", p.label.clone()),
-                attr("String", p.decision.as_str().to_string()),
-                attr("Number", format!("{:.4}", p.confidence)),
-            ) {
-                (Ok(l), Ok(d), Ok(c)) => req
-                    .message_attributes("label", l)
-                    .message_attributes("decision", d)
-                    .message_attributes("confidence", c),
-                _ => req,
-            };
-            match tokio::time::timeout(self.timeout, req.send()).await {
-                Ok(Ok(_)) => {
-                    self.metrics.alerts_published.inc();
-                    return Ok(());
-                }
-                Ok(Err(err)) => {
-                    let class = classify(&err);
-                    last = describe(&err);
-                    tracing::debug!(attempt, kind = class.as_str(), detail = %last, "sns publish failed");
-                    if !class.retryable() {
+            match self.publish(&subject, &message, &attributes).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(attempt, detail = %e.detail, "sns publish failed");
+                    last = e.detail;
+                    if !e.retryable {
                         break;
                     }
-                }
-                Err(_) => {
-                    last = format!(
-                        "no answer within alerts.timeout ({})",
-                        humantime::format_duration(self.timeout)
-                    );
-                    tracing::debug!(attempt, detail = %last, "sns publish timed out");
                 }
             }
         }
         self.metrics.alerts_failed.inc();
         Err(format!("SNS publish to {} failed: {last}", self.topic_arn))
     }
+
+    /// One Publish call within `alerts.timeout`; `attributes` are (name,
+    /// data type, value) message attributes.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        message: &str,
+        attributes: &[(&str, &str, String)],
+    ) -> Result<(), PublishError> {
+        let mut req = self
+            .client
+            .publish()
+            .topic_arn(&self.topic_arn)
+            .subject(subject)
+            .message(message);
+        for (name, data_type, value) in attributes {
+            if let Ok(a) = MessageAttributeValue::builder()
+                .data_type(*data_type)
+                .string_value(value)
+                .build()
+            {
+                req = req.message_attributes(*name, a);
+            }
+        }
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Ok(Ok(_)) => {
+                self.metrics.alerts_published.inc();
+                Ok(())
+            }
+            Ok(Err(err)) => Err(PublishError {
+                retryable: classify(&err).retryable(),
+                detail: describe(&err),
+            }),
+            Err(_) => Err(PublishError {
+                retryable: true,
+                detail: format!(
+                    "no answer within alerts.timeout ({})",
+                    humantime::format_duration(self.timeout)
+                ),
+            }),
+        }
+    }
+
+    pub fn topic_arn(&self) -> &str {
+        &self.topic_arn
+    }
 }
 
-/// `Low confidence: motorcycle 0.61 - uploads/bikes/img 1.png`, ASCII, < 100 characters.
-pub fn subject(p: &Prediction) -> String {
-    let raw = format!(
-        "Low confidence: {} {:.2} - {}/{}",
-        p.label, p.confidence, p.bucket, p.key
-    );
+/// A failed Publish call.
+#[derive(Debug)]
+pub struct PublishError {
+    /// Throttling, a 5xx or no answer: another attempt may succeed.
+    pub retryable: bool,
+    pub detail: String,
+}
+
+/// Printable ASCII on one line, under 100 characters (SNS's subject rules).
+pub fn ascii_subject(raw: &str) -> String {
     let mut s: String = raw
         .chars()
         .map(|c| {
@@ -215,6 +236,14 @@ pub fn subject(p: &Prediction) -> String {
         s.push_str("...");
     }
     s
+}
+
+/// `Low confidence: motorcycle 0.61 - uploads/bikes/img 1.png`, ASCII, < 100 characters.
+pub fn subject(p: &Prediction) -> String {
+    ascii_subject(&format!(
+        "Low confidence: {} {:.2} - {}/{}",
+        p.label, p.confidence, p.bucket, p.key
+    ))
 }
 
 /// Readable text for email subscribers, then the prediction JSON.

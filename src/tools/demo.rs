@@ -5,8 +5,10 @@
 //! (s3s-fs over a temporary directory) and the local endpoint stand in for
 //! the real services. The demo makes sample images, uploads them, sends
 //! their upload notifications in all four shapes, runs the real service on
-//! them, shows progress and alerts in the terminal, prints a summary and
-//! writes the report charts from the data capture.
+//! them, shows progress and alert digests in the terminal (the real digest
+//! alerter, with a short window, printing instead of publishing to SNS
+//! unless `alerts.topic_arn` is set), prints a summary and writes the
+//! report charts from the data capture.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,7 +29,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{AlertMode, Config};
+use crate::pipeline::digest::Message as Digest;
 use crate::tools::endpoint::model::{test_image, FORMATS};
 use crate::tools::endpoint::{EndpointOptions, Faults};
 use crate::tools::events::{event, SHAPES};
@@ -40,6 +43,10 @@ const DEMO_KEY: &str = "INFERSTREAMDEMO";
 const DEMO_SECRET: &str = "inferstream-demo-secret";
 /// Shown in the terminal at most; the rest are counted.
 const MAX_ALERTS_SHOWN: usize = 12;
+/// The demo's digest window (the default is minutes).
+const DEMO_DIGEST_WINDOW: Duration = Duration::from_secs(2);
+/// Lines of a digest's text shown in the terminal.
+const DIGEST_LINES_SHOWN: usize = 14;
 
 pub struct DemoOptions {
     /// Images to upload.
@@ -60,6 +67,10 @@ pub struct Summary {
     pub review: usize,
     pub dead_letters: BTreeMap<String, usize>,
     pub alerts_shown: usize,
+    /// Digests received, and the review images they account for (listed
+    /// or counted in a storm summary).
+    pub digests: usize,
+    pub digest_images: usize,
     /// From upload of the first image to the last outcome.
     pub elapsed: Duration,
     /// From the first image consumed to the last output, by the records'
@@ -112,6 +123,7 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
         &config.kafka.results_topic,
         &config.kafka.review_topic,
         &config.kafka.dead_letter_topic,
+        &config.alerts.state_topic,
     ] {
         kafka
             .create_topic(t, PARTITIONS, 1)
@@ -153,7 +165,17 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     config.aws.s3.endpoint_url = format!("http://{s3_addr}");
     config.aws.s3.force_path_style = true;
     config.aws.sagemaker.endpoint_url = endpoint.url();
-    config.alerts.enabled = sns;
+    // Digests are printed here unless they go to SNS; `each` alerts are
+    // printed from the review topic.
+    let digests = config.alerts.mode == AlertMode::Digest;
+    config.alerts.enabled = sns || digests;
+    if digests {
+        config.alerts.digest_window = DEMO_DIGEST_WINDOW;
+        if !sns {
+            // Never called: the digests come to the terminal.
+            config.alerts.topic_arn = "arn:aws:sns:local:000000000000:terminal".into();
+        }
+    }
     config.capture.enabled = true;
     config.capture.destination = format!("s3://{CAPTURE_BUCKET}/demo");
     config.capture.flush_interval = Duration::from_secs(5);
@@ -210,7 +232,20 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     let reader = output_reader(&brokers, &topics)?;
 
     let shutdown = CancellationToken::new();
-    let service = crate::pipeline::start_with_sdk(config, sdk.clone(), shutdown.clone()).await?;
+    let (digest_tx, mut digest_rx) = tokio::sync::mpsc::unbounded_channel::<Digest>();
+    let service = crate::pipeline::start_with(
+        config,
+        sdk.clone(),
+        shutdown.clone(),
+        (digests && !sns).then_some(digest_tx),
+    )
+    .await?;
+    if digests && !sns {
+        println!(
+            "  alert digests every {} here (alerts.digest_window; 5m by default), printed instead of sent to SNS",
+            humantime::format_duration(DEMO_DIGEST_WINDOW)
+        );
+    }
     let metrics_addr = service.metrics_addr;
     println!("  metrics while it runs: http://{metrics_addr}/metrics\n");
 
@@ -252,6 +287,9 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     // reader may receive them in bursts).
     let mut span = Span::default();
     while seen.len() < opts.images {
+        while let Ok(d) = digest_rx.try_recv() {
+            show_digest(&bar, &d, &mut summary);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bar.abandon();
@@ -278,7 +316,7 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
             summary.accepted += 1;
         } else if msg.topic() == topics[1] {
             summary.review += 1;
-            if !sns {
+            if !sns && !digests {
                 if summary.alerts_shown < MAX_ALERTS_SHOWN {
                     say(&bar, format!("  ALERT  {}", alert_line(&value)));
                     summary.alerts_shown += 1;
@@ -316,6 +354,20 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
             "  alerts were published to SNS for the {} review predictions",
             summary.review
         );
+    } else if digests {
+        // The last window closes a digest window after the last review image.
+        let until = Instant::now() + DEMO_DIGEST_WINDOW * 5;
+        while summary.digest_images < summary.review {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, digest_rx.recv()).await {
+                Ok(Some(d)) => show_digest(&bar, &d, &mut summary),
+                _ => bail!(
+                    "digests accounted for {} of {} review images",
+                    summary.digest_images,
+                    summary.review
+                ),
+            }
+        }
     }
 
     // Stop the service: it drains, commits and flushes the capture.
@@ -344,6 +396,7 @@ impl Summary {
             ("images".to_string(), self.images.to_string()),
             ("accepted".to_string(), self.accepted.to_string()),
             ("review (alerts)".to_string(), self.review.to_string()),
+            ("alert digests".to_string(), self.digests.to_string()),
             ("dead letters".to_string(), dead.to_string()),
         ];
         for (reason, n) in &self.dead_letters {
@@ -414,6 +467,37 @@ impl Span {
             _ => Duration::ZERO,
         }
     }
+}
+
+/// A digest in the terminal: its subject and the start of its text.
+fn show_digest(bar: &ProgressBar, d: &Digest, summary: &mut Summary) {
+    summary.digests += 1;
+    summary.digest_images += if d.images > 0 {
+        d.images
+    } else {
+        d.attributes
+            .iter()
+            .find(|(name, _, _)| *name == "count")
+            .and_then(|(_, _, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut text = format!(
+        "  DIGEST  {}
+",
+        d.subject
+    );
+    let lines: Vec<&str> = d
+        .body
+        .lines()
+        .take_while(|l| !l.starts_with("Digest record"))
+        .collect();
+    for line in lines.iter().take(DIGEST_LINES_SHOWN) {
+        text.push_str(&format!("          {line}\n"));
+    }
+    if lines.len() > DIGEST_LINES_SHOWN {
+        text.push_str("          ...\n");
+    }
+    say(bar, text.trim_end().to_string());
 }
 
 /// A line above the progress bar, or plainly when there is no terminal.

@@ -126,6 +126,14 @@ fn ports_hosts_and_topics_agree_with_the_compose_config() {
             "kafka-init does not create {topic}"
         );
     }
+    // The digest alerter's state topic, compacted.
+    let state = &cfg.alerts.state_topic;
+    assert!(
+        init.lines()
+            .any(|l| l.contains(&format!("--topic {state} "))
+                && l.contains("cleanup.policy=compact")),
+        "kafka-init does not create {state} compacted: {init}"
+    );
 
     // MinIO notifies the service's input topic, on the broker it reads.
     let minio_env = &service(&compose, "minio")["environment"];

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ pub const INPUT: &str = "s3-events";
 pub const RESULTS: &str = "inferstream-results";
 pub const REVIEW: &str = "inferstream-review";
 pub const DEAD: &str = "inferstream-dead-letter";
+pub const ALERT_STATE: &str = "inferstream-alerts-state";
 pub const PARTITIONS: i32 = 4;
 
 /// The binary under test: this build's, or `INFERSTREAM_BIN` (e.g. a
@@ -172,7 +173,7 @@ impl Stack {
     /// subscribed to it) and an endpoint with `faults`.
     pub async fn start(faults: Faults) -> Stack {
         let kafka = MockCluster::new(1).expect("mock cluster");
-        for t in [INPUT, RESULTS, REVIEW, DEAD] {
+        for t in [INPUT, RESULTS, REVIEW, DEAD, ALERT_STATE] {
             kafka.create_topic(t, PARTITIONS, 1).expect("create topic");
         }
         let moto = Moto::start().await;
@@ -284,6 +285,8 @@ impl Stack {
             v("AWS__SNS__ENDPOINT_URL", &self.moto.url),
             v("AWS__SAGEMAKER__ENDPOINT_URL", &self.endpoint.url()),
             v("ALERTS__TOPIC_ARN", &self.topic_arn),
+            // Tests of digests say so; the others check one alert per image.
+            v("ALERTS__MODE", "each"),
             v("ENDPOINT__BACKOFF_INITIAL", "10ms"),
             v("ENDPOINT__BACKOFF_MAX", "200ms"),
             v("METRICS__LISTEN", &format!("127.0.0.1:{metrics_port}")),
@@ -399,11 +402,16 @@ impl Stack {
 
     /// The input topic's end offsets.
     pub fn input_ends(&self) -> BTreeMap<i32, i64> {
+        self.ends(INPUT)
+    }
+
+    /// A topic's end offsets.
+    pub fn ends(&self, topic: &str) -> BTreeMap<i32, i64> {
         let c: StreamConsumer = client(&self.kafka.bootstrap_servers(), &unique("probe"));
         (0..PARTITIONS)
             .map(|p| {
                 let (_, hi) = c
-                    .fetch_watermarks(INPUT, p, Duration::from_secs(10))
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
                     .expect("watermarks");
                 (p, hi)
             })
@@ -440,6 +448,61 @@ impl Stack {
                 "got {} of {want} alerts: {got:#?}",
                 got.len()
             );
+            got.extend(self.receive_alerts().await);
+        }
+        got
+    }
+
+    /// Produces raw records to `topic` with the given keys.
+    pub async fn produce_to(&self, topic: &str, records: &[(String, Vec<u8>)]) {
+        let sends = records.iter().map(|(key, payload)| {
+            self.producer.send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Timeout::Never,
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).expect("produce record");
+        }
+    }
+
+    /// Digests (and storm summaries) from SNS until `done` holds; panics
+    /// after `deadline`.
+    pub async fn digests_until<F: Fn(&[Digest]) -> bool>(
+        &self,
+        got: &mut Vec<Digest>,
+        what: &str,
+        deadline: Duration,
+        done: F,
+    ) {
+        let end = Instant::now() + deadline;
+        while !done(got) {
+            assert!(
+                Instant::now() < end,
+                "timed out after {deadline:?} waiting for {what}; have {} digests: {:?}",
+                got.len(),
+                got.iter().map(|d| &d.subject).collect::<Vec<_>>()
+            );
+            got.extend(self.receive_alerts().await.iter().map(Digest::parse));
+        }
+    }
+
+    /// Whatever digests arrive within `quiet` (one receive at least).
+    pub async fn more_digests(&self, quiet: Duration) -> Vec<Digest> {
+        let mut got = Vec::new();
+        let end = Instant::now() + quiet;
+        loop {
+            got.extend(self.receive_alerts().await.iter().map(Digest::parse));
+            if Instant::now() >= end {
+                return got;
+            }
+        }
+    }
+
+    /// One receive from the alerts queue (waits up to 1 s); deletes what it took.
+    async fn receive_alerts(&self) -> Vec<Value> {
+        let mut got = Vec::new();
+        {
             let out = self
                 .sqs
                 .receive_message()
@@ -468,6 +531,68 @@ impl Stack {
     }
 }
 
+/// A digest or storm summary read back from SNS.
+#[derive(Debug, Clone)]
+pub struct Digest {
+    pub subject: String,
+    pub kind: String,
+    pub group: String,
+    pub text: String,
+    /// The machine-readable record at the end of the message.
+    pub record: Value,
+}
+
+impl Digest {
+    fn parse(envelope: &Value) -> Digest {
+        let text = envelope["Message"]
+            .as_str()
+            .expect("SNS message")
+            .to_string();
+        let attr = |name: &str| {
+            envelope["MessageAttributes"][name]["Value"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let at = text
+            .rfind("\n{\"")
+            .unwrap_or_else(|| panic!("no record at the end of {text}"));
+        let record: Value = serde_json::from_str(text[at..].trim())
+            .unwrap_or_else(|e| panic!("record of {text}: {e}"));
+        Digest {
+            subject: envelope["Subject"].as_str().unwrap_or_default().to_string(),
+            kind: attr("kind"),
+            group: attr("group"),
+            text,
+            record,
+        }
+    }
+
+    /// The prediction ids listed (none for a storm summary).
+    pub fn ids(&self) -> Vec<String> {
+        self.record["ids"]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Images a storm summary counts.
+    pub fn suppressed(&self) -> u64 {
+        self.record["suppressed"].as_u64().unwrap_or(0)
+    }
+}
+
+/// Ids listed across `digests`, with how often each was listed.
+pub fn listed(digests: &[Digest]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for d in digests {
+        for id in d.ids() {
+            *m.entry(id).or_default() += 1;
+        }
+    }
+    m
+}
+
 fn client<C: rdkafka::config::FromClientConfig>(brokers: &str, group: &str) -> C {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -479,10 +604,15 @@ fn client<C: rdkafka::config::FromClientConfig>(brokers: &str, group: &str) -> C
 }
 
 pub fn committed_offsets(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
+    committed_on(brokers, group, INPUT)
+}
+
+/// `group`'s committed offsets on `topic`.
+pub fn committed_on(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, i64> {
     let c: StreamConsumer = client(brokers, group);
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition(INPUT, p);
+        tpl.add_partition(topic, p);
     }
     let got = c
         .committed_offsets(tpl, Duration::from_secs(10))
@@ -772,6 +902,8 @@ pub struct FaultProxy {
     pub url: String,
     pub slowed: Arc<AtomicU64>,
     pub hung: Arc<AtomicU64>,
+    /// For [`FaultProxy::outage`]: answer 503 while set.
+    pub down: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -786,6 +918,7 @@ impl Drop for FaultProxy {
 struct ProxyState {
     slowed: Arc<AtomicU64>,
     hung: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
@@ -804,12 +937,14 @@ impl FaultProxy {
         let state = ProxyState {
             slowed: Arc::new(AtomicU64::new(0)),
             hung: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicBool::new(false)),
             stop: CancellationToken::new(),
         };
         let proxy = FaultProxy {
             url,
             slowed: state.slowed.clone(),
             hung: state.hung.clone(),
+            down: state.down.clone(),
             stop: state.stop.clone(),
         };
         tokio::spawn(async move {
@@ -868,6 +1003,32 @@ impl FaultProxy {
             }
         })
         .await
+    }
+
+    /// A proxy that answers 503 (and closes the connection) to every
+    /// request while `down` is set, and passes connections through
+    /// otherwise; it starts down.
+    pub async fn outage(upstream: &str) -> FaultProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let proxy = FaultProxy::spawn(move |mut client, state| {
+            let upstream = upstream.clone();
+            async move {
+                if state.down.load(Ordering::SeqCst) {
+                    let mut buf = [0u8; 4096];
+                    let _ = client.read(&mut buf).await;
+                    state.slowed.fetch_add(1, Ordering::Relaxed);
+                    let resp = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                    let _ = client.write_all(resp.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                } else if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            }
+        })
+        .await;
+        proxy.down.store(true, Ordering::SeqCst);
+        proxy
     }
 
     pub async fn start(upstream: &str, slow_down: f64, hang: f64, seed: u64) -> FaultProxy {
