@@ -222,6 +222,10 @@ const RETRY_PARTITION: Duration = Duration::from_secs(5);
 const RECOMMIT_EVERY: Duration = Duration::from_secs(2);
 /// How often alerted ids past the dedup window are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The longest prediction id (bucket 63 + key 1,024 + version) and label
+/// a review record may have.
+const MAX_ID_BYTES: usize = 2048;
+const MAX_LABEL_BYTES: usize = 256;
 /// SNS takes messages (with subject and attributes) up to 256 KiB; the
 /// rest of its envelope (to an SQS subscription) takes about 1 KiB.
 const SNS_MAX_BYTES: usize = 256 * 1024 - 2 * 1024;
@@ -341,6 +345,7 @@ impl Alerts {
             blocked: HashMap::new(),
             pruned: Instant::now(),
             committed: Instant::now(),
+            unrecorded: Vec::new(),
             shutdown,
         };
         let result = loop {
@@ -363,7 +368,14 @@ impl Alerts {
 
     async fn step(&self, s: &mut Loop) -> anyhow::Result<()> {
         let now = Instant::now();
+        if !s.unrecorded.is_empty() && !self.record_pending(s).await {
+            // Not one more Publish before what was published is recorded.
+            s.retry_at = Instant::now() + RETRY_PARTITION;
+        }
         self.unblock(s).await;
+        if s.shutdown.is_cancelled() {
+            return Ok(());
+        }
         if now.duration_since(s.pruned) >= PRUNE_EVERY {
             s.pruned = now;
             let expired = self.book().prune(now_ms());
@@ -377,7 +389,12 @@ impl Alerts {
         self.hold(s, closed);
         // A member whose partitions were taken away (noticed at the next
         // poll) must not publish what it read from them.
-        if closed && now >= s.retry_at && !self.consumer.assignment_lost() {
+        if closed
+            && now >= s.retry_at
+            && s.unrecorded.is_empty()
+            && !s.shutdown.is_cancelled()
+            && !self.consumer.assignment_lost()
+        {
             self.publish_next(s).await;
         }
         self.metrics
@@ -511,9 +528,11 @@ impl Alerts {
         s.blocked.retain(|p, b| {
             assigned.contains(p) && self.book().generation(*p) == Some(b.generation)
         });
+        // One load per step: the consumer is polled between them.
+        let mut loads = 0;
         for p in unloaded {
-            if s.shutdown.is_cancelled() {
-                return;
+            if s.shutdown.is_cancelled() || loads > 0 {
+                break;
             }
             let generation = self.book().generation(p).unwrap_or_default();
             let b = s.blocked.entry(p).or_insert_with(|| Blocked {
@@ -524,6 +543,7 @@ impl Alerts {
             if Instant::now() < b.retry_at {
                 continue;
             }
+            loads += 1;
             if !self.load(p, &s.shutdown).await {
                 if let Some(b) = s.blocked.get_mut(&p) {
                     b.retry_at = Instant::now() + RETRY_PARTITION;
@@ -537,6 +557,9 @@ impl Alerts {
             .map(|(p, _)| *p)
             .collect();
         for p in ready {
+            if s.shutdown.is_cancelled() {
+                return;
+            }
             let Some(mut b) = s.blocked.remove(&p) else {
                 continue;
             };
@@ -563,7 +586,24 @@ impl Alerts {
         let group = self.config.alerts.group_id(&kafka);
         let topic = self.config.alerts.state_topic.clone();
         let began = Instant::now();
-        let read = tokio::task::spawn_blocking(move || read_state(&kafka, &group, &topic, p));
+        let read = tokio::task::spawn_blocking(move || {
+            read_state(&kafka, &group, &topic, p).and_then(|mut state| {
+                // A review topic made again starts its offsets anew: a
+                // recorded position past its end is not this topic's.
+                let client: BaseConsumer = crate::clients::kafka::state_reader_config(&kafka, &group)
+                    .create()
+                    .map_err(|e| format!("creating a reader: {e}"))?;
+                let (_, high) = client
+                    .fetch_watermarks(&kafka.review_topic, p, Duration::from_secs(10))
+                    .map_err(|e| format!("offsets of {}/{p}: {e}", kafka.review_topic))?;
+                if state.done_below > high {
+                    tracing::warn!(partition = p, recorded = state.done_below, end = high,
+                        "alerts: the recorded position is past the review partition's end (topic made again?); reading it all");
+                    state.done_below = 0;
+                }
+                Ok(state)
+            })
+        });
         let read = tokio::select! {
             r = read => r,
             // The reader ends by its own deadline.
@@ -595,7 +635,27 @@ impl Alerts {
     /// its dead letter (not a prediction) could not be written.
     async fn take(&self, p: i32, offset: i64, payload: &[u8]) -> Result<(), NotNow> {
         let (now, at) = (Instant::now(), now_ms());
-        match serde_json::from_slice::<Prediction>(payload) {
+        if self.book().already_done(p, offset) {
+            // Read again after a commit that did not land: accounted for.
+            self.book().consume(p, offset, now, at);
+            self.metrics
+                .alerts_suppressed
+                .with_label_values(&["duplicate"])
+                .inc();
+            return Ok(());
+        }
+        let parsed = serde_json::from_slice::<Prediction>(payload).and_then(|pred| {
+            // Longer than S3 allows: not one of ours, and it would not fit
+            // a message.
+            if pred.id.len() > MAX_ID_BYTES || pred.label.len() > MAX_LABEL_BYTES {
+                Err(serde::de::Error::custom(format!(
+                    "id or label longer than {MAX_ID_BYTES} / {MAX_LABEL_BYTES} bytes"
+                )))
+            } else {
+                Ok(pred)
+            }
+        });
+        match parsed {
             Ok(pred) if pred.decision == Decision::Review => {
                 let added = self.book().add(Item::new(&pred, p), offset, now, at);
                 let reason = match added {
@@ -679,17 +739,7 @@ impl Alerts {
     /// it has none left, records and commits how far that window read.
     async fn publish_next(&self, s: &mut Loop) {
         let Some((out, message)) = self.next_message().await else {
-            let positions = self.book().finish();
-            if let Some(positions) = positions.filter(|p| !p.is_empty()) {
-                self.record_positions(&positions).await;
-                self.consumer
-                    .context()
-                    .uncommitted
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(positions);
-                self.commit(s);
-            }
+            self.finish(s).await;
             return;
         };
         match self.publisher.publish(&message).await {
@@ -705,7 +755,17 @@ impl Alerts {
                 let recorded = self.book().sent(&out, now_ms());
                 self.metrics.alerts_listed.inc_by(message.images as u64);
                 tracing::info!(subject = %message.subject, images = message.images, "alerts: digest published");
-                self.record(recorded).await;
+                let value = serde_json::json!({ "alerted_at_ms": now_ms() }).to_string();
+                s.unrecorded.extend(
+                    recorded
+                        .into_iter()
+                        .map(|(p, id)| (p, id, Some(value.clone()))),
+                );
+                // Recorded, and the window finished, in this same step: no
+                // poll (revocation) or stop comes in between.
+                if self.record_pending(s).await {
+                    self.finish(s).await;
+                }
             }
             Err(e) => {
                 s.attempt += 1;
@@ -721,6 +781,56 @@ impl Alerts {
                 }
             }
         }
+    }
+
+    /// When the oldest closed window has nothing left to publish: records
+    /// how far it read (then a re-read skips it) and commits that.
+    async fn finish(&self, s: &mut Loop) {
+        // Not before the window's alerted ids are recorded.
+        if !s.unrecorded.is_empty() || self.book().next(1).is_some() {
+            return;
+        }
+        let Some(positions) = self.book().finish() else {
+            return;
+        };
+        if positions.is_empty() {
+            return;
+        }
+        s.unrecorded.extend(positions.iter().map(|(p, o)| {
+            let value = serde_json::json!({ "next_offset": o }).to_string();
+            (*p, position_key(*p), Some(value))
+        }));
+        // Either one, recorded or committed, keeps the window from being
+        // read again; the commit goes on while the record is retried.
+        self.record_pending(s).await;
+        self.consumer
+            .context()
+            .uncommitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(positions);
+        self.commit(s);
+    }
+
+    /// Writes what published digests left unrecorded (alerted ids, read
+    /// positions); true once all of it is acknowledged.
+    async fn record_pending(&self, s: &mut Loop) -> bool {
+        let records = std::mem::take(&mut s.unrecorded);
+        let wait = if s.shutdown.is_cancelled() {
+            self.config.kafka.commit_timeout.min(Duration::from_secs(5))
+        } else {
+            self.config.kafka.commit_timeout
+        };
+        let failed = self.write_state(records, wait).await;
+        let ok = failed.is_empty();
+        if !ok {
+            tracing::warn!(
+                unrecorded = failed.len(),
+                "alerts: alerts.state_topic did not take what was published; no more digests until it does"
+            );
+        }
+        s.unrecorded = failed;
+        ok
     }
 
     /// Commits the read positions of published windows (asynchronously;
@@ -749,11 +859,15 @@ impl Alerts {
         }
     }
 
-    /// Writes records to the state topic, each to its review partition;
-    /// `None` deletes.
-    async fn write_state(&self, records: Vec<(i32, String, Option<String>)>, what: &str) {
+    /// Writes records to the state topic, each to its review partition
+    /// (`None` deletes), waiting up to `wait`; returns those not taken.
+    async fn write_state(
+        &self,
+        records: Vec<(i32, String, Option<String>)>,
+        wait: Duration,
+    ) -> Vec<(i32, String, Option<String>)> {
         if records.is_empty() {
-            return;
+            return records;
         }
         let topic = &self.config.alerts.state_topic;
         let sends = records.iter().map(|(p, key, value)| {
@@ -767,50 +881,34 @@ impl Alerts {
             self.producer
                 .send(record, Timeout::After(Duration::from_secs(1)))
         });
-        let wait = self.config.kafka.commit_timeout;
-        match tokio::time::timeout(wait, futures::future::join_all(sends)).await {
-            Ok(results) => {
-                let failed: Vec<String> = results
+        let results: Vec<Option<String>> =
+            match tokio::time::timeout(wait, futures::future::join_all(sends)).await {
+                Ok(results) => results
                     .into_iter()
-                    .filter_map(|r| r.err().map(|(e, _)| e.to_string()))
-                    .collect();
-                if let Some(e) = failed.first() {
-                    tracing::warn!(failed = failed.len(), error = %e, "alerts: writing {what} to alerts.state_topic failed");
-                }
+                    .map(|r| r.err().map(|(e, _)| e.to_string()))
+                    .collect(),
+                Err(_) => vec![Some(format!("unanswered within {wait:?}")); records.len()],
+            };
+        let mut failed = Vec::new();
+        let mut first = None;
+        for (record, error) in records.into_iter().zip(results) {
+            if let Some(e) = error {
+                first.get_or_insert(e);
+                failed.push(record);
             }
-            Err(_) => tracing::warn!(
-                ?wait,
-                "alerts: writing {what} to alerts.state_topic unanswered"
-            ),
         }
+        if let Some(e) = first {
+            tracing::warn!(failed = failed.len(), error = %e, "alerts: writing to alerts.state_topic failed");
+        }
+        failed
     }
 
-    /// Records alerted ids (after a restart or a move they are found).
-    async fn record(&self, ids: Vec<(i32, String)>) {
-        let value = serde_json::json!({ "alerted_at_ms": now_ms() }).to_string();
-        let records = ids
-            .into_iter()
-            .map(|(p, id)| (p, id, Some(value.clone())))
-            .collect();
-        self.write_state(records, "alerted ids").await;
-    }
-
-    /// Records how far published windows read, per partition.
-    async fn record_positions(&self, positions: &BTreeMap<i32, i64>) {
-        let records = positions
-            .iter()
-            .map(|(p, o)| {
-                let value = serde_json::json!({ "next_offset": o }).to_string();
-                (*p, position_key(*p), Some(value))
-            })
-            .collect();
-        self.write_state(records, "positions").await;
-    }
-
-    /// Deletes alerted ids past the dedup window from the state topic.
+    /// Deletes alerted ids past the dedup window from the state topic
+    /// (best effort: what is left is deleted at the next load).
     async fn forget(&self, ids: Vec<(i32, String)>) {
         let records = ids.into_iter().map(|(p, id)| (p, id, None)).collect();
-        self.write_state(records, "expired ids").await;
+        self.write_state(records, self.config.kafka.commit_timeout)
+            .await;
     }
 }
 
@@ -835,6 +933,8 @@ struct Loop {
     pruned: Instant,
     /// When positions were last committed.
     committed: Instant,
+    /// State records of published digests not yet acknowledged.
+    unrecorded: Vec<(i32, String, Option<String>)>,
     shutdown: CancellationToken,
 }
 

@@ -373,6 +373,11 @@ impl Book {
         Added::Listed
     }
 
+    /// Whether `offset` of `p` is below what published windows read.
+    pub fn already_done(&self, p: i32, offset: i64) -> bool {
+        self.parts.get(&p).is_some_and(|s| offset < s.done_below)
+    }
+
     /// When the open window closes.
     pub fn closes_at(&self) -> Option<Instant> {
         self.open.as_ref().map(|w| w.closes_at)
@@ -501,8 +506,10 @@ impl Book {
         let mut positions = BTreeMap::new();
         for (p, next) in w.positions {
             if let Some(part) = self.parts.get_mut(&p) {
+                // Never backwards (a window re-reading below a recorded
+                // position reads less far).
                 part.done_below = part.done_below.max(next);
-                positions.insert(p, next);
+                positions.insert(p, part.done_below);
             }
         }
         Some(positions)
@@ -575,14 +582,37 @@ fn counts_of<'a>(labels: impl Iterator<Item = &'a str>) -> BTreeMap<String, u64>
     counts
 }
 
+/// Labels shown with their counts at most; the rest are summed up.
+const MAX_LABELS_SHOWN: usize = 20;
+
+/// The largest `MAX_LABELS_SHOWN` counts, the rest summed as
+/// `(other labels)`: a message stays small whatever the labels.
+fn top_counts(counts: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = counts.iter().map(|(l, n)| (l.clone(), *n)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    if v.len() > MAX_LABELS_SHOWN {
+        let rest: u64 = v[MAX_LABELS_SHOWN..].iter().map(|(_, n)| n).sum();
+        v.truncate(MAX_LABELS_SHOWN);
+        v.push(("(other labels)".into(), rest));
+    }
+    v
+}
+
 /// `bicycle 9, motorcycle 3`: largest first.
 fn counts_text(counts: &BTreeMap<String, u64>) -> String {
-    let mut v: Vec<_> = counts.iter().collect();
-    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    v.iter()
+    top_counts(counts)
+        .iter()
         .map(|(l, n)| format!("{l} {n}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The counts as JSON, as many as are shown.
+fn counts_json(counts: &BTreeMap<String, u64>) -> serde_json::Map<String, serde_json::Value> {
+    top_counts(counts)
+        .into_iter()
+        .map(|(l, n)| (l, n.into()))
+        .collect()
 }
 
 /// The S3 console page of an object.
@@ -688,7 +718,7 @@ pub fn render(out: &Outgoing, links: &[String], s: &Settings) -> Message {
                 "window_start": rfc3339(*window_start_ms),
                 "window_end": rfc3339(*window_end_ms),
                 "count": n,
-                "counts": counts,
+                "counts": counts_json(&counts),
                 "review_topic": s.review_topic,
                 "ids": ids,
             });
@@ -718,7 +748,7 @@ pub fn render(out: &Outgoing, links: &[String], s: &Settings) -> Message {
                 "window_start": rfc3339(*window_start_ms),
                 "window_end": rfc3339(*window_end_ms),
                 "suppressed": n,
-                "counts": counts,
+                "counts": counts_json(counts),
                 "max_per_hour": s.max_per_hour,
                 "review_topic": s.review_topic,
             });
@@ -909,8 +939,15 @@ mod tests {
             0,
         );
         let t = Instant::now();
+        assert!(book.already_done(0, 3) && !book.already_done(0, 10));
         assert_eq!(book.add(item("a", "cat", 0), 9, t, 0), Added::Duplicate);
         assert_eq!(book.add(item("b", "cat", 0), 10, t, 0), Added::Listed);
+        book.close_due(t, 0, true);
+        let (_, positions) = drain(&mut book, 0);
+        assert_eq!(positions, [BTreeMap::from([(0, 11)])]);
+        // A window that read again below the recorded position does not
+        // move it back.
+        assert!(book.consume(0, 3, t, 0));
         book.close_due(t, 0, true);
         let (_, positions) = drain(&mut book, 0);
         assert_eq!(positions, [BTreeMap::from([(0, 11)])]);

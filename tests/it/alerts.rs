@@ -488,6 +488,13 @@ async fn digests_of_keys_that_escape_large_are_split_to_fit_sns() {
         .map(|i| id_of(&format!("{i}/{}", "\"\\".repeat(480)), i))
         .collect();
     stack.produce_to(REVIEW, &records).await;
+    // And one with an id no S3 object can have (300 KB): dead-lettered.
+    stack
+        .produce_to(
+            REVIEW,
+            &[review_record_for(&"k".repeat(300_000), 9_999, "bicycle")],
+        )
+        .await;
     let mut settings = digests("5s");
     settings.push(("ALERTS__LINK", "s3".into()));
     let service = stack.service(&env(&settings)).await;
@@ -506,6 +513,12 @@ async fn digests_of_keys_that_escape_large_are_split_to_fit_sns() {
         0.0,
         "nothing was refused"
     );
+    let mut out = stack.collector();
+    out.until("the oversized record's dead letter", MINUTE, |r| {
+        r.iter().any(|o| o.topic == DEAD)
+    })
+    .await;
+    assert_eq!(out.on(DEAD)[0].value["reason"], "bad_review_record");
     eprintln!(
         "600 ids of ~1 KB escaping to ~2 KB: {} messages of {:?} ids",
         got.len(),
