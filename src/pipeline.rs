@@ -497,8 +497,9 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         .await;
     }
     drop(committer);
-    let close = tokio::task::spawn_blocking(move || drop(consumer));
     let close_until = end - margin / 2;
+    crate::clients::kafka::leave_subscription(&*consumer, left(close_until) / 2).await;
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
     if tokio::time::timeout(left(close_until).max(Duration::from_millis(100)), close)
         .await
         .is_err()

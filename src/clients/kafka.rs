@@ -1,5 +1,6 @@
 //! Typed Kafka settings mapped to librdkafka properties, in one place.
 
+use rdkafka::consumer::Consumer as _;
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
@@ -92,6 +93,30 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// Unsubscribes and polls until the assignment is gone (at most `wait`):
+/// librdkafka aborts the process (an assert in `rd_kafka_cgrp_terminated`)
+/// when a consumer closes while a cooperative assignment is in progress,
+/// as in a rebalance under way at SIGTERM (confluentinc/librdkafka#4312,
+/// #4527, whose maintainers give this sequence as the way around it).
+/// Records read meanwhile are dropped unprocessed (and uncommitted).
+pub async fn leave_subscription<C>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    wait: std::time::Duration,
+) where
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    consumer.unsubscribe();
+    let until = std::time::Instant::now() + wait.min(std::time::Duration::from_secs(3));
+    while std::time::Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), consumer.recv()).await;
+    }
 }
 
 #[cfg(test)]

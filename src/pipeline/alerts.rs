@@ -357,8 +357,10 @@ impl Alerts {
             }
         };
         // What was published is committed (closing the consumer, which
-        // the caller does, waits for the commit).
+        // the caller does, waits for the commit); the subscription is left
+        // first (see `clients::kafka::leave_subscription`).
         self.commit(&mut state);
+        crate::clients::kafka::leave_subscription(&self.consumer, Duration::from_secs(2)).await;
         result
     }
 
