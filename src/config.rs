@@ -35,6 +35,7 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub capture: CaptureConfig,
     pub pipeline: PipelineConfig,
+    pub monitor: MonitorConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -333,6 +334,19 @@ pub struct CaptureConfig {
     /// Deadline of one PutObject call.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// `sagemaker` (Model Monitor's data-capture lines) or `inferstream`.
+    pub format: CaptureFormat,
+}
+
+/// The shape of a data capture line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureFormat {
+    /// Model Monitor's lines under `<prefix>/<endpoint>/<variant>/yyyy/mm/dd/hh/`,
+    /// with the prediction in a field of its own (`inferstream`).
+    Sagemaker,
+    /// `inferstream.capture.v1` lines under `<prefix>/yyyy/mm/dd/hh/`.
+    Inferstream,
 }
 
 impl CaptureConfig {
@@ -366,6 +380,18 @@ pub struct PipelineConfig {
     pub dead_letter_payload_bytes: usize,
     /// Threads running the pipeline's tasks; 0 means one per CPU.
     pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// A baseline made by `inferstream baseline`; empty: no drift metrics.
+    pub baseline: String,
+    /// The sliding window drift is measured over.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Drift is reported once the window holds this many predictions.
+    pub min_predictions: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -847,6 +873,22 @@ impl Config {
             }
         }
 
+        if self.monitor.window < Duration::from_secs(1) {
+            err(
+                "monitor.window",
+                "must be at least 1s (it slides a tenth at a time)".into(),
+            );
+        }
+        if !self.monitor.baseline.is_empty() && !Path::new(&self.monitor.baseline).is_file() {
+            err(
+                "monitor.baseline",
+                format!(
+                    "`{}` is not a file; make one with `inferstream baseline --from CAPTURE --out FILE`",
+                    self.monitor.baseline
+                ),
+            );
+        }
+
         let p = &self.pipeline;
         if p.max_in_flight == 0 {
             err("pipeline.max_in_flight", "must be at least 1".into());
@@ -1169,6 +1211,17 @@ empty = []
         ] {
             assert!(err.contains(want), "missing `{want}` in:\n{err}");
         }
+    }
+
+    #[test]
+    fn monitor_settings_are_checked_by_name() {
+        let text = "[alerts]\nenabled = false\n[monitor]\nbaseline = \"/no/such/baseline.json\"\nwindow = \"500ms\"\n";
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains("monitor.window: must be at least 1s"), "{err}");
+        assert!(
+            err.contains("monitor.baseline: `/no/such/baseline.json` is not a file; make one with `inferstream baseline"),
+            "{err}"
+        );
     }
 
     #[test]

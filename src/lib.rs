@@ -40,6 +40,7 @@
 //!   pipeline/route.rs      confidence threshold -> accepted or review
 //!   pipeline/sink.rs       Kafka results/review/dead-letter topics, SNS alerts
 //!   pipeline/capture.rs    sampled predictions to S3 (data capture)
+//!   pipeline/monitor.rs    model monitoring: baseline, drift (PSI) over a sliding window
 //!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
 //!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
@@ -47,6 +48,7 @@
 //!   tools/endpoint.rs      `inferstream endpoint`, a SageMaker-compatible test model
 //!   tools/events.rs        upload notifications in the four shapes (demo, tests)
 //!   tools/report.rs        `inferstream report`, charts from data capture
+//!   tools/baseline.rs      `inferstream baseline`, a drift baseline from data capture
 //!   tools/demo.rs          `inferstream demo`, everything on one machine
 //! lib.rs                 this map
 //! main.rs                the command line: argument parsing and dispatch
@@ -93,14 +95,16 @@ mod layout_tests {
         ("pipeline::route", 17),
         ("pipeline::sink", 18),
         ("pipeline::capture", 19),
-        ("pipeline::digest", 20),
-        ("pipeline::alerts", 21),
+        ("pipeline::monitor", 20),
+        ("pipeline::digest", 21),
+        ("pipeline::alerts", 22),
         ("pipeline", 30),
         ("app", 40),
         ("tools", 50),
         ("tools::endpoint", 50),
         ("tools::events", 50),
         ("tools::report", 51),
+        ("tools::baseline", 52),
         ("tools::demo", 52),
         ("lib", 100),
         ("main", 100),

@@ -18,7 +18,7 @@ use inferstream::app;
 use inferstream::config::RequestMode;
 use inferstream::tools::demo::{self, DemoOptions};
 use inferstream::tools::endpoint::{self, EndpointOptions, Failure, Faults};
-use inferstream::tools::report;
+use inferstream::tools::{baseline, report};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,8 @@ enum Command {
     CheckConfig,
     /// Draw charts (PNG and SVG) from data capture.
     Report(ReportArgs),
+    /// Make a drift baseline (monitor.baseline) from data capture.
+    Baseline(BaselineArgs),
     /// Run the whole pipeline on this machine with embedded Kafka, S3 and
     /// endpoint: upload sample images and watch them being classified.
     Demo(DemoArgs),
@@ -75,6 +77,26 @@ struct ReportArgs {
     /// Directory the charts are written to.
     #[arg(long, default_value = "report", value_name = "DIR")]
     out: PathBuf,
+    /// A baseline (`inferstream baseline`): adds the drift-over-time chart.
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BaselineArgs {
+    /// Where the capture is: s3://bucket/prefix (S3 settings from the
+    /// configuration's aws.s3 section) or a local directory.
+    #[arg(long, value_name = "S3_URL_OR_DIR")]
+    from: String,
+    /// The baseline file to write.
+    #[arg(long, default_value = "baseline.json", value_name = "FILE")]
+    out: PathBuf,
+    /// Only predictions made at or after this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, value_name = "TIME")]
+    start: Option<std::time::SystemTime>,
+    /// Only predictions made at or before this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, value_name = "TIME")]
+    end: Option<std::time::SystemTime>,
 }
 
 #[derive(clap::Args)]
@@ -143,7 +165,14 @@ fn main() -> ExitCode {
             let listen = args.listen.clone();
             app::block_on(0, endpoint::command(&listen, args.into()))
         }
-        Command::Report(args) => app::block_on(0, report::command(config, &args.from, &args.out)),
+        Command::Report(args) => app::block_on(
+            0,
+            report::command(config, &args.from, &args.out, args.baseline.as_deref()),
+        ),
+        Command::Baseline(args) => app::block_on(
+            0,
+            baseline::command(config, &args.from, &args.out, args.start, args.end),
+        ),
         Command::Demo(args) => app::block_on(0, demo::command(config, args.into())),
     }
 }

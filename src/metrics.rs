@@ -5,7 +5,7 @@
 //! configuration, decisions and partitions; never keys or offsets.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -62,6 +62,13 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub circuit_open: IntGauge,
+    pub drift_predictions: IntGauge,
+    pub drift_confidence_psi: Gauge,
+    pub drift_label_psi: Gauge,
+    pub drift_image_size_psi: Gauge,
+    pub drift_image_type_psi: Gauge,
+    pub review_share: Gauge,
+    pub baseline_review_share: Gauge,
 }
 
 fn buckets_seconds() -> Vec<f64> {
@@ -160,6 +167,13 @@ impl Metrics {
             rebalances: reg!(counter_vec("inferstream_rebalances_total", "Rebalance events of this instance, by kind (assign, revoke, lost)", &["kind"])?),
             assigned_partitions: reg!(IntGauge::new("inferstream_assigned_partitions", "Input partitions assigned to this instance")?),
             circuit_open: reg!(IntGauge::new("inferstream_endpoint_circuit_open", "1 while the endpoint's circuit breaker is open (images wait, the endpoint is probed)")?),
+            drift_predictions: reg!(IntGauge::new("inferstream_drift_window_predictions", "Predictions in the drift window (monitor.window)")?),
+            drift_confidence_psi: reg!(Gauge::new("inferstream_drift_confidence_psi", "Population stability index of the top label's confidence over monitor.window against monitor.baseline (0 until monitor.min_predictions)")?),
+            drift_label_psi: reg!(Gauge::new("inferstream_drift_label_psi", "Population stability index of the label mix over monitor.window against monitor.baseline")?),
+            drift_image_size_psi: reg!(Gauge::new("inferstream_drift_image_size_psi", "Population stability index of image sizes over monitor.window against monitor.baseline")?),
+            drift_image_type_psi: reg!(Gauge::new("inferstream_drift_image_type_psi", "Population stability index of image types over monitor.window against monitor.baseline")?),
+            review_share: reg!(Gauge::new("inferstream_review_share", "Share of predictions below the threshold over monitor.window")?),
+            baseline_review_share: reg!(Gauge::new("inferstream_baseline_review_share", "Share of predictions below the threshold in monitor.baseline")?),
             registry,
         };
         Ok(m)

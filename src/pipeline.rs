@@ -21,6 +21,7 @@ pub mod decode;
 pub mod digest;
 pub mod fetch;
 pub mod infer;
+pub mod monitor;
 pub mod route;
 pub mod sink;
 pub mod source;
@@ -46,10 +47,11 @@ use crate::config::{AlertMode, Config, RequestMode};
 use crate::metrics::{KnownLabels, Metrics};
 use crate::pipeline::ack::{Ack, Tracker};
 use crate::pipeline::alerts::{Alerts, Links, Publisher};
-use crate::pipeline::capture::{CaptureLine, Capturer};
+use crate::pipeline::capture::Capturer;
 use crate::pipeline::decode::{decode_limited, ImageRef, Outcome};
 use crate::pipeline::fetch::{FetchError, Fetched, Fetcher};
 use crate::pipeline::infer::{InferError, Inference, Inferrer, Input};
+use crate::pipeline::monitor::{Baseline, Drift, Observation};
 use crate::pipeline::sink::{Alerter, KafkaSink};
 use crate::pipeline::source::{Committer, InputConsumer, SourceContext};
 use crate::record::{
@@ -110,6 +112,7 @@ struct Parts {
     alerter: Option<Alerter>,
     alerts: Option<Alerts>,
     capture: Option<(Capturer, tokio::task::JoinHandle<()>)>,
+    drift: Option<Arc<Drift>>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     http: tokio::task::JoinHandle<()>,
@@ -160,7 +163,12 @@ pub async fn start_with(
         tracing::info!(destination = %config.capture.destination,
             sampling_percentage = config.capture.sampling_percentage, "data capture on");
         let client = crate::clients::aws::s3_client(&sdk, &config);
-        Capturer::spawn(client, &config.capture, metrics.clone())
+        Capturer::spawn(
+            client,
+            &config.capture,
+            &config.endpoint.labels,
+            metrics.clone(),
+        )
     } else {
         None
     };
@@ -171,6 +179,19 @@ pub async fn start_with(
             metrics.clone(),
         )
     });
+    let drift = if config.monitor.baseline.is_empty() {
+        None
+    } else {
+        let baseline = Baseline::load(std::path::Path::new(&config.monitor.baseline))
+            .map_err(|e| anyhow::anyhow!("monitor.baseline: {e}"))?;
+        tracing::info!(baseline = %config.monitor.baseline, predictions = baseline.tally.predictions,
+            window = ?config.monitor.window, "drift monitoring on");
+        Some(Drift::new(
+            baseline,
+            config.monitor.min_predictions,
+            metrics.clone(),
+        ))
+    };
     let (alerter, publisher) = match (config.alerts.mode, digests) {
         (AlertMode::Each, _) => (sns, None),
         (AlertMode::Digest, Some(tx)) => (None, Some(Publisher::Channel(tx))),
@@ -256,6 +277,7 @@ pub async fn start_with(
         alerter,
         alerts,
         capture,
+        drift,
         tracker,
         metrics: metrics.clone(),
         http,
@@ -286,11 +308,16 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         alerter,
         alerts,
         capture,
+        drift,
         tracker,
         metrics,
         http,
         http_stop,
     } = parts;
+    // Drift gauges, a slice of monitor.window at a time, until the end.
+    let drift_task = drift
+        .clone()
+        .map(|d| tokio::spawn(d.run(config.monitor.window)));
     // Digests from the review topic, beside the pipeline; a failure of
     // theirs (or a panic) stops the service: alerts must not end silently.
     let alerts_clients = alerts.as_ref().map(Alerts::clients);
@@ -339,6 +366,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         config.clone(),
         metrics.clone(),
         capturer,
+        drift.clone(),
         out_tx.clone(),
     ));
     let sinks = tokio::spawn(sink_stage(
@@ -517,6 +545,9 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         http.abort();
     }
     stop_watch.abort();
+    if let Some(t) = drift_task {
+        t.abort();
+    }
     match tracker.fatal_reason() {
         Some(reason) => Err(anyhow::anyhow!(reason)),
         None => Ok(()),
@@ -1031,6 +1062,7 @@ async fn infer_stage(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     capturer: Option<Capturer>,
+    drift: Option<Arc<Drift>>,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
     // One batch more than calls allowed: it builds its request while
@@ -1051,12 +1083,21 @@ async fn infer_stage(
                         let output = match result {
                             Ok(inference) => {
                                 let p = prediction(image, source, consumed, &fetched, inference, &config, &metrics);
+                                if let Some(d) = &drift {
+                                    d.observe(&Observation {
+                                        confidence: p.confidence,
+                                        label: &p.label,
+                                        review: p.decision == Decision::Review,
+                                        size: Some(fetched.body.len() as u64),
+                                        content_type: Some(fetched.kind.content_type()),
+                                    });
+                                }
                                 if let Some(c) = &capturer {
                                     if c.sampled() {
                                         let input = c
                                             .captures_input()
                                             .then(|| (fetched.kind.content_type(), fetched.body.as_ref()));
-                                        c.offer(CaptureLine::new(&p, input));
+                                        c.offer(&p, input);
                                     }
                                 }
                                 Output::Prediction(Box::new(p))

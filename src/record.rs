@@ -266,6 +266,27 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The data-capture `eventId` of a prediction: UUID-shaped, derived from
+/// its `id` (the same for every copy of the prediction), so that ground
+/// truth keyed by either can be joined to it.
+pub fn event_id(prediction_id: &str) -> String {
+    let h = sha256_hex(prediction_id.as_bytes());
+    // 8-4-4-4-12 hex digits; version nibble 8 (custom), variant 10xx.
+    let variant = match u8::from_str_radix(&h[16..17], 16) {
+        Ok(v) => format!("{:x}", 8 | (v & 3)),
+        Err(_) => "8".into(),
+    };
+    format!(
+        "{}-{}-8{}-{}{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        variant,
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
 /// RFC 3339 with milliseconds, UTC.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()

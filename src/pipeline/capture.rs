@@ -10,6 +10,7 @@
 //! `capture.max_object_bytes` already wait for the writer are dropped and
 //! counted, so a slow or hung S3 never fills memory or stalls inference.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::CaptureConfig;
+use crate::config::{CaptureConfig, CaptureFormat};
 use crate::metrics::Metrics;
 use crate::record::Prediction;
 
 pub const CAPTURE_SCHEMA: &str = "inferstream.capture.v1";
 
-/// One captured inference, one JSON line.
+/// One captured inference in the `inferstream` format.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaptureLine {
     pub schema: String,
@@ -47,62 +48,175 @@ pub struct CapturedData {
     pub data: String,
 }
 
-impl CaptureLine {
-    pub fn new(prediction: &Prediction, input: Option<(&str, &[u8])>) -> CaptureLine {
-        let scores: Vec<f64> = prediction.scores.values().copied().collect();
-        CaptureLine {
-            schema: CAPTURE_SCHEMA.to_string(),
-            captured_at: prediction.processed_at.clone(),
-            endpoint_input: input.map(|(content_type, bytes)| CapturedData {
-                content_type: content_type.to_string(),
-                encoding: "BASE64".into(),
-                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+/// One captured inference as SageMaker Model Monitor writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SageMakerLine {
+    pub capture_data: SageMakerCaptureData,
+    pub event_metadata: SageMakerEventMetadata,
+    pub event_version: String,
+    /// inferstream's prediction (tools made for Model Monitor ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inferstream: Option<Prediction>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SageMakerCaptureData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_input: Option<SageMakerData>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_output: Option<SageMakerData>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SageMakerData {
+    pub observed_content_type: String,
+    /// `INPUT` or `OUTPUT`.
+    pub mode: String,
+    pub data: String,
+    /// `CSV`, `JSON` or `BASE64`.
+    pub encoding: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SageMakerEventMetadata {
+    pub event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_id: Option<String>,
+    pub inference_time: String,
+}
+
+/// The model's output for a prediction: its scores in the model's class
+/// order (`endpoint.labels`), as the endpoint answered them.
+fn output_scores(p: &Prediction, labels: &[String]) -> Vec<f64> {
+    let in_order: Vec<f64> = labels
+        .iter()
+        .filter_map(|l| p.scores.get(l).copied())
+        .collect();
+    if in_order.len() == p.scores.len() {
+        in_order
+    } else {
+        p.scores.values().copied().collect()
+    }
+}
+
+/// A line ready for the writer: its folder and its bytes.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// `yyyy/mm/dd/hh`, after `<endpoint>/<variant>/` in the SageMaker format.
+    pub dir: String,
+    pub time: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Renders a captured prediction as one JSON line in `format`.
+pub fn render_line(
+    p: &Prediction,
+    input: Option<(&str, &[u8])>,
+    labels: &[String],
+    format: CaptureFormat,
+) -> Rendered {
+    let output = serde_json::to_string(&output_scores(p, labels)).unwrap_or_default();
+    let input_b64 =
+        input.map(|(ct, bytes)| (ct, base64::engine::general_purpose::STANDARD.encode(bytes)));
+    let hour = hour_path(&p.processed_at);
+    let (dir, json) = match format {
+        CaptureFormat::Inferstream => (
+            hour,
+            serde_json::to_vec(&CaptureLine {
+                schema: CAPTURE_SCHEMA.to_string(),
+                captured_at: p.processed_at.clone(),
+                endpoint_input: input_b64.map(|(ct, data)| CapturedData {
+                    content_type: ct.to_string(),
+                    encoding: "BASE64".into(),
+                    data,
+                }),
+                endpoint_output: CapturedData {
+                    content_type: "application/json".into(),
+                    encoding: "JSON".into(),
+                    data: output,
+                },
+                inference_ms: p.latency_ms.infer,
+                prediction: p.clone(),
             }),
-            endpoint_output: CapturedData {
-                content_type: "application/json".into(),
-                encoding: "JSON".into(),
-                data: serde_json::to_string(&scores).unwrap_or_default(),
-            },
-            inference_ms: prediction.latency_ms.infer,
-            prediction: prediction.clone(),
-        }
+        ),
+        CaptureFormat::Sagemaker => (
+            format!(
+                "{}/{}/{hour}",
+                path_segment(&p.endpoint),
+                path_segment(p.variant.as_deref().unwrap_or("AllTraffic"))
+            ),
+            serde_json::to_vec(&SageMakerLine {
+                capture_data: SageMakerCaptureData {
+                    endpoint_input: input_b64.map(|(ct, data)| SageMakerData {
+                        observed_content_type: ct.to_string(),
+                        mode: "INPUT".into(),
+                        data,
+                        encoding: "BASE64".into(),
+                    }),
+                    endpoint_output: Some(SageMakerData {
+                        observed_content_type: "application/json".into(),
+                        mode: "OUTPUT".into(),
+                        data: output,
+                        encoding: "JSON".into(),
+                    }),
+                },
+                event_metadata: SageMakerEventMetadata {
+                    event_id: crate::record::event_id(&p.id),
+                    inference_id: Some(p.id.clone()),
+                    inference_time: p.processed_at.clone(),
+                },
+                event_version: "0".into(),
+                inferstream: Some(p.clone()),
+            }),
+        ),
+    };
+    let mut bytes = json.unwrap_or_default();
+    bytes.push(b'\n');
+    Rendered {
+        dir,
+        time: p.processed_at.clone(),
+        bytes,
+    }
+}
+
+/// An endpoint or variant name as one S3 key segment.
+fn path_segment(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .collect();
+    if s.is_empty() {
+        "_".into()
+    } else {
+        s
     }
 }
 
 /// The sending half; cheap to clone.
 #[derive(Clone)]
 pub struct Capturer {
-    tx: mpsc::Sender<(CaptureLine, OwnedSemaphorePermit)>,
+    tx: mpsc::Sender<(Rendered, OwnedSemaphorePermit)>,
     /// Bytes of lines waiting for the writer, at most.
     budget: Arc<Semaphore>,
     sampling: f64,
     capture_input: bool,
+    format: CaptureFormat,
+    labels: Arc<[String]>,
     metrics: Arc<Metrics>,
-}
-
-impl CaptureLine {
-    /// About how many bytes the line takes, written out.
-    fn estimated_bytes(&self) -> usize {
-        let p = &self.prediction;
-        // Strings from the event may be escaped up to six-fold in JSON.
-        let from_event = p.id.len()
-            + p.bucket.len()
-            + p.key.len()
-            + p.etag.as_ref().map_or(0, String::len)
-            + p.version_id.as_ref().map_or(0, String::len)
-            + p.event_time.as_ref().map_or(0, String::len);
-        // Each score appears in the prediction and in the output data.
-        let scores: usize = p.scores.keys().map(|l| 6 * l.len() + 64).sum();
-        self.endpoint_input.as_ref().map_or(0, |d| d.data.len()) + 6 * from_event + scores + 2048
-    }
 }
 
 impl Capturer {
     /// Starts the writer task; it ends, after a last flush, when every
-    /// `Capturer` clone is dropped.
+    /// `Capturer` clone is dropped. `labels` are the model's classes in
+    /// output order.
     pub fn spawn(
         client: aws_sdk_s3::Client,
         cfg: &CaptureConfig,
+        labels: &[String],
         metrics: Arc<Metrics>,
     ) -> Option<(Capturer, tokio::task::JoinHandle<()>)> {
         let (bucket, prefix) = cfg.bucket_and_prefix()?;
@@ -127,6 +241,8 @@ impl Capturer {
                 budget: Arc::new(Semaphore::new(budget)),
                 sampling: cfg.sampling_percentage / 100.0,
                 capture_input: cfg.capture_input,
+                format: cfg.format,
+                labels: labels.into(),
                 metrics,
             },
             task,
@@ -142,10 +258,12 @@ impl Capturer {
         self.capture_input
     }
 
-    /// Hands a line to the writer without waiting; a line that finds the
-    /// writer's backlog full is dropped and counted.
-    pub fn offer(&self, line: CaptureLine) {
-        let bytes = u32::try_from(line.estimated_bytes()).unwrap_or(u32::MAX);
+    /// Hands a prediction (and the image, when input is captured) to the
+    /// writer without waiting; one that finds the writer's backlog full is
+    /// dropped and counted.
+    pub fn offer(&self, p: &Prediction, input: Option<(&str, &[u8])>) {
+        let line = render_line(p, input, &self.labels, self.format);
+        let bytes = u32::try_from(line.bytes.len()).unwrap_or(u32::MAX);
         let sent = match self.budget.clone().try_acquire_many_owned(bytes) {
             Ok(permit) => self.tx.try_send((line, permit)).is_ok(),
             Err(_) => false,
@@ -188,8 +306,13 @@ fn hour_path(time: &str) -> String {
     )
 }
 
+/// The `yyyy/mm/dd/hh` a folder ends with.
+fn hour_of(dir: &str) -> &str {
+    dir.get(dir.len().saturating_sub(13)..).unwrap_or(dir)
+}
+
 struct Buffer {
-    hour: String,
+    dir: String,
     first: String,
     lines: usize,
     bytes: Vec<u8>,
@@ -197,15 +320,25 @@ struct Buffer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<(CaptureLine, OwnedSemaphorePermit)>) {
-        let mut buf: Option<Buffer> = None;
+    /// One buffer per folder (hour, and endpoint and variant in the
+    /// SageMaker format): lines of several variants do not cut each
+    /// other's objects short.
+    async fn run(mut self, mut rx: mpsc::Receiver<(Rendered, OwnedSemaphorePermit)>) {
+        let mut bufs: BTreeMap<String, Buffer> = BTreeMap::new();
         loop {
-            let deadline = buf.as_ref().map(|b| b.since + self.interval);
+            let oldest = bufs.values().map(|b| b.since).min();
             let line = tokio::select! {
                 line = rx.recv() => line,
-                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
-                    if let Some(b) = buf.take() {
-                        self.flush(b).await;
+                _ = async { tokio::time::sleep_until(oldest.unwrap_or_else(Instant::now) + self.interval).await }, if oldest.is_some() => {
+                    let due: Vec<String> = bufs
+                        .iter()
+                        .filter(|(_, b)| b.since + self.interval <= Instant::now())
+                        .map(|(d, _)| d.clone())
+                        .collect();
+                    for d in due {
+                        if let Some(b) = bufs.remove(&d) {
+                            self.flush(b).await;
+                        }
                     }
                     continue;
                 }
@@ -213,30 +346,30 @@ impl Writer {
             let Some((line, _permit)) = line else {
                 break;
             };
-            let hour = hour_path(&line.captured_at);
-            if buf.as_ref().is_some_and(|b| b.hour != hour) {
-                if let Some(b) = buf.take() {
+            // A new hour closes the earlier hours' objects.
+            let hour = hour_of(&line.dir);
+            let stale: Vec<String> = bufs.keys().filter(|d| hour_of(d) < hour).cloned().collect();
+            for d in stale {
+                if let Some(b) = bufs.remove(&d) {
                     self.flush(b).await;
                 }
             }
-            let b = buf.get_or_insert_with(|| Buffer {
-                hour,
-                first: line.captured_at.clone(),
+            let b = bufs.entry(line.dir.clone()).or_insert_with(|| Buffer {
+                dir: line.dir.clone(),
+                first: line.time.clone(),
                 lines: 0,
                 bytes: Vec::new(),
                 since: Instant::now(),
             });
-            if serde_json::to_writer(&mut b.bytes, &line).is_ok() {
-                b.bytes.push(b'\n');
-                b.lines += 1;
-            }
+            b.bytes.extend_from_slice(&line.bytes);
+            b.lines += 1;
             if b.bytes.len() >= self.max_bytes {
-                if let Some(b) = buf.take() {
+                if let Some(b) = bufs.remove(&line.dir) {
                     self.flush(b).await;
                 }
             }
         }
-        if let Some(b) = buf.take() {
+        for (_, b) in std::mem::take(&mut bufs) {
             self.flush(b).await;
         }
     }
@@ -251,9 +384,9 @@ impl Writer {
             .replace([':', '.'], "-");
         let name = format!("{stamp}-{}-{:06}.jsonl", self.instance, self.seq);
         let key = if self.prefix.is_empty() {
-            format!("{}/{name}", b.hour)
+            format!("{}/{name}", b.dir)
         } else {
-            format!("{}/{}/{name}", self.prefix, b.hour)
+            format!("{}/{}/{name}", self.prefix, b.dir)
         };
         let body = bytes::Bytes::from(b.bytes);
         let mut last = String::new();
@@ -299,27 +432,108 @@ impl Writer {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_backlog_budget_counts_a_line_at_least_at_its_size() {
-        let labels: Vec<String> = (0..2000).map(|i| format!("class-{i:05}")).collect();
-        let mut p: Prediction = serde_json::from_value(serde_json::json!({
-            "schema": "inferstream.prediction.v1", "id": "b/\u{1}\u{1}@e", "bucket": "b",
-            "key": "\u{1}".repeat(500), "etag": "e", "version_id": null, "size": 1,
-            "label": "class-00000", "confidence": 0.5, "scores": {}, "threshold": 0.9,
-            "decision": "review", "endpoint": "x", "variant": null, "event_time": null,
-            "processed_at": "2026-11-25T10:00:00.000Z",
-            "latency_ms": {"fetch": 1.0, "infer": 1.0, "total": 1.0},
+    fn prediction() -> Prediction {
+        serde_json::from_value(serde_json::json!({
+            "schema": "inferstream.prediction.v1", "id": "uploads/bikes/a.png@e1", "bucket": "uploads",
+            "key": "bikes/a.png", "etag": "e1", "version_id": null, "size": 10,
+            "label": "motorcycle", "confidence": 0.61,
+            "scores": {"motorcycle": 0.61, "bicycle": 0.39, "aardvark": 0.0},
+            "threshold": 0.93, "decision": "review", "endpoint": "image-classifier", "variant": "Blue/1",
+            "event_time": null, "processed_at": "2026-11-25T10:03:04.567Z",
+            "latency_ms": {"fetch": 1.0, "infer": 2.0, "total": 3.0},
             "source": {"topic": "t", "partition": 0, "offset": 1}
         }))
-        .unwrap();
-        p.scores = labels.iter().map(|l| (l.clone(), 0.123456789)).collect();
-        let line = CaptureLine::new(&p, Some(("image/png", &[7u8; 3000])));
-        let written = serde_json::to_vec(&line).unwrap().len();
-        assert!(
-            line.estimated_bytes() >= written,
-            "{} < {written}",
-            line.estimated_bytes()
+        .unwrap()
+    }
+
+    fn labels() -> Vec<String> {
+        ["bicycle", "motorcycle", "aardvark"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    #[test]
+    fn sagemaker_lines_have_exactly_model_monitors_fields() {
+        let line = render_line(
+            &prediction(),
+            Some(("image/png", b"\x89PNG")),
+            &labels(),
+            CaptureFormat::Sagemaker,
         );
+        assert_eq!(line.dir, "image-classifier/Blue_1/2026/11/25/10");
+        assert_eq!(line.bytes.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line.bytes).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(&v),
+            [
+                "captureData",
+                "eventMetadata",
+                "eventVersion",
+                "inferstream"
+            ]
+        );
+        assert_eq!(v["eventVersion"], "0");
+        assert_eq!(keys(&v["captureData"]), ["endpointInput", "endpointOutput"]);
+        for (side, mode, encoding) in [
+            ("endpointInput", "INPUT", "BASE64"),
+            ("endpointOutput", "OUTPUT", "JSON"),
+        ] {
+            let d = &v["captureData"][side];
+            assert_eq!(keys(d), ["data", "encoding", "mode", "observedContentType"]);
+            assert_eq!(d["mode"], mode);
+            assert_eq!(d["encoding"], encoding);
+        }
+        assert_eq!(
+            v["captureData"]["endpointInput"]["observedContentType"],
+            "image/png"
+        );
+        assert_eq!(v["captureData"]["endpointInput"]["data"], "iVBORw==");
+        // The model's answer, in its class order.
+        assert_eq!(
+            v["captureData"]["endpointOutput"]["data"],
+            "[0.39,0.61,0.0]"
+        );
+        assert_eq!(
+            keys(&v["eventMetadata"]),
+            ["eventId", "inferenceId", "inferenceTime"]
+        );
+        let id = v["eventMetadata"]["eventId"].as_str().unwrap();
+        assert_eq!(id, crate::record::event_id("uploads/bikes/a.png@e1"));
+        assert_eq!(id.len(), 36);
+        assert_eq!(v["eventMetadata"]["inferenceId"], "uploads/bikes/a.png@e1");
+        assert_eq!(
+            v["eventMetadata"]["inferenceTime"],
+            "2026-11-25T10:03:04.567Z"
+        );
+        assert_eq!(v["inferstream"]["label"], "motorcycle");
+        // Without the input, no endpointInput (as with CaptureMode Output).
+        let line = render_line(&prediction(), None, &labels(), CaptureFormat::Sagemaker);
+        let v: serde_json::Value = serde_json::from_slice(&line.bytes).unwrap();
+        assert_eq!(keys(&v["captureData"]), ["endpointOutput"]);
+    }
+
+    #[test]
+    fn inferstream_lines_keep_their_format() {
+        let line = render_line(&prediction(), None, &labels(), CaptureFormat::Inferstream);
+        assert_eq!(line.dir, "2026/11/25/10");
+        let v: CaptureLine = serde_json::from_slice(&line.bytes).unwrap();
+        assert_eq!(v.schema, CAPTURE_SCHEMA);
+        assert!(v.endpoint_input.is_none());
+        assert_eq!(v.endpoint_output.data, "[0.39,0.61,0.0]");
+    }
+
+    #[test]
+    fn a_new_hour_is_a_new_folder() {
+        assert_eq!(
+            hour_of("image-classifier/AllTraffic/2026/11/25/10"),
+            "2026/11/25/10"
+        );
+        assert!(hour_of("x/y/2026/11/25/09") < hour_of("a/b/2026/11/25/10"));
     }
 
     #[test]

@@ -206,6 +206,7 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
 
     let labels = config.endpoint.labels.clone();
     let threshold = config.route.threshold;
+    let interpretation = crate::tools::report::Interpretation::from_config(&config);
     println!(
         "inferstream demo: {} images, threshold {threshold}, labels {labels:?}, {} mode",
         opts.images,
@@ -377,7 +378,8 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
         .await
         .context("the service stopped on an error")?;
 
-    let loaded = crate::tools::report::load_s3(&s3, CAPTURE_BUCKET, "demo").await?;
+    let loaded =
+        crate::tools::report::load_s3(&s3, CAPTURE_BUCKET, "demo", &interpretation).await?;
     summary.report = crate::tools::report::render(&loaded.points, &opts.report_dir)?;
     // Clients first, then the cluster they talk to.
     drop(reader);

@@ -1,8 +1,10 @@
 //! `inferstream report`: charts from data capture, as PNG and SVG.
 //!
-//! Reads the JSON Lines objects [`crate::pipeline::capture`] writes, from S3 or a
-//! local directory, and draws three charts: confidence over time coloured by
-//! decision with the threshold line, a histogram of confidences, and
+//! Reads data capture JSON Lines from S3 or a local directory, in either
+//! format [`crate::pipeline::capture`] writes or as SageMaker itself writes
+//! them (then the model's output is read with the configuration's labels
+//! and thresholds), and draws three charts: confidence over time coloured
+//! by decision with the threshold line, a histogram of confidences, and
 //! accepted vs review counts per label.
 
 use std::collections::BTreeMap;
@@ -12,6 +14,8 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context as _};
 use plotters::coord::Shift;
+
+use crate::pipeline::monitor::{measure, Measures, Tally};
 use plotters::prelude::*;
 use serde::Deserialize;
 
@@ -33,11 +37,38 @@ pub struct Point {
     pub confidence: f64,
     pub threshold: f64,
     pub accepted: bool,
+    /// The prediction id, when captured with the prediction.
+    pub id: Option<String>,
+    /// The image's size in bytes and type, when known.
+    pub size: Option<u64>,
+    pub content_type: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Line {
-    prediction: LinePrediction,
+impl Point {
+    /// As the monitor sees it.
+    pub fn observation(&self) -> crate::pipeline::monitor::Observation<'_> {
+        crate::pipeline::monitor::Observation {
+            confidence: self.confidence,
+            label: &self.label,
+            review: !self.accepted,
+            size: self.size,
+            content_type: self.content_type.as_deref(),
+        }
+    }
+}
+
+/// The image type a key's extension names.
+fn type_of_key(key: &str) -> Option<String> {
+    let ext = key.rsplit_once('.')?.1.to_ascii_lowercase();
+    let t = match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "bmp" => "image/bmp",
+        _ => return None,
+    };
+    Some(t.to_string())
 }
 
 #[derive(Deserialize)]
@@ -47,6 +78,75 @@ struct LinePrediction {
     confidence: f64,
     threshold: f64,
     decision: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
+}
+
+/// How to read a model's output where no prediction was captured with it
+/// (captures written by SageMaker): the classes in output order and the
+/// thresholds, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Interpretation {
+    pub labels: Vec<String>,
+    pub threshold: f64,
+    pub label_thresholds: BTreeMap<String, f64>,
+}
+
+impl Interpretation {
+    pub fn from_config(c: &crate::config::Config) -> Interpretation {
+        Interpretation {
+            labels: c.endpoint.labels.clone(),
+            threshold: c.route.threshold,
+            label_thresholds: c.route.label_thresholds.clone(),
+        }
+    }
+
+    fn threshold_for(&self, label: &str) -> f64 {
+        self.label_thresholds
+            .get(label)
+            .copied()
+            .unwrap_or(self.threshold)
+    }
+}
+
+/// Class scores from a model's answer: a JSON array, `{"prediction": [..]}`,
+/// `{"predictions": [[..]]}`, `{"probabilities": [..]}`, or CSV numbers.
+fn scores_of(text: &str) -> Option<Vec<f64>> {
+    let text = text.trim();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+        let arr = match &v {
+            serde_json::Value::Array(a) => match a.first() {
+                Some(serde_json::Value::Array(inner)) => inner.clone(),
+                _ => a.clone(),
+            },
+            serde_json::Value::Number(_) => vec![v.clone()],
+            serde_json::Value::Object(o) => {
+                let inner = ["probabilities", "prediction", "predictions", "scores"]
+                    .iter()
+                    .find_map(|k| o.get(*k))?;
+                match inner {
+                    serde_json::Value::Array(a) => match a.first() {
+                        Some(serde_json::Value::Array(first)) => first.clone(),
+                        _ => a.clone(),
+                    },
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        let scores: Option<Vec<f64>> = arr.iter().map(serde_json::Value::as_f64).collect();
+        return scores.filter(|s| !s.is_empty());
+    }
+    let scores: Result<Vec<f64>, _> = text
+        .split([',', '\n'])
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().parse::<f64>())
+        .collect();
+    scores.ok().filter(|s| !s.is_empty())
 }
 
 /// What was read: the points, and how many lines could not be used.
@@ -58,13 +158,13 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn add_object(&mut self, text: &[u8]) {
+    fn add_object(&mut self, text: &[u8], how: &Interpretation) {
         self.objects += 1;
         for line in text.split(|b| *b == b'\n') {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match parse_line(line) {
+            match parse_line(line, how) {
                 Some(p) => self.points.push(p),
                 None => self.bad_lines += 1,
             }
@@ -72,25 +172,106 @@ impl Loaded {
     }
 }
 
-fn parse_line(line: &[u8]) -> Option<Point> {
-    let l: Line = serde_json::from_slice(line).ok()?;
-    let p = l.prediction;
-    let time = humantime::parse_rfc3339_weak(&p.processed_at)
-        .ok()?
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
+fn seconds(time: &str) -> Option<f64> {
+    Some(
+        humantime::parse_rfc3339_weak(time.trim_end_matches('Z'))
+            .ok()?
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64(),
+    )
+}
+
+/// A captured prediction; `input_type` is the captured input's type.
+fn from_prediction(v: &serde_json::Value, input_type: Option<&str>) -> Option<Point> {
+    let p: LinePrediction = serde_json::from_value(v.clone()).ok()?;
     Some(Point {
-        time,
+        time: seconds(&p.processed_at)?,
+        content_type: input_type
+            .map(str::to_string)
+            .or_else(|| p.key.as_deref().and_then(type_of_key)),
         label: p.label,
         confidence: p.confidence,
         threshold: p.threshold,
         accepted: p.decision == "accepted",
+        id: p.id,
+        size: p.size,
+    })
+}
+
+/// A line in inferstream's format, or in Model Monitor's (written by
+/// inferstream, with its prediction, or by SageMaker, without).
+fn parse_line(line: &[u8], how: &Interpretation) -> Option<Point> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if let Some(p) = v.get("prediction") {
+        return from_prediction(p, v["endpoint_input"]["content_type"].as_str());
+    }
+    v.get("captureData")?;
+    let input = &v["captureData"]["endpointInput"];
+    let input_type = input["observedContentType"].as_str();
+    if let Some(p) = v.get("inferstream") {
+        return from_prediction(p, input_type);
+    }
+    let out = &v["captureData"]["endpointOutput"];
+    let data = out["data"].as_str()?;
+    let text = if out["encoding"].as_str() == Some("BASE64") {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .ok()?;
+        String::from_utf8(bytes).ok()?
+    } else {
+        data.to_string()
+    };
+    let scores = scores_of(&text)?;
+    // One score: a binary model's probability of the second class.
+    let (index, confidence) = if let [p] = scores[..] {
+        if p >= 0.5 {
+            (1, p)
+        } else {
+            (0, 1.0 - p)
+        }
+    } else {
+        scores
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (i, s)| {
+                if s > best.1 {
+                    (i, s)
+                } else {
+                    best
+                }
+            })
+    };
+    let label = how
+        .labels
+        .get(index)
+        .cloned()
+        .unwrap_or_else(|| format!("class {index}"));
+    let threshold = how.threshold_for(&label);
+    // The input's size, from its base64 length.
+    let size = (input["encoding"].as_str() == Some("BASE64"))
+        .then(|| input["data"].as_str().map(|d| (d.len() / 4 * 3) as u64))
+        .flatten();
+    Some(Point {
+        time: seconds(v["eventMetadata"]["inferenceTime"].as_str()?)?,
+        label,
+        confidence,
+        threshold,
+        accepted: confidence >= threshold,
+        id: v["eventMetadata"]["inferenceId"]
+            .as_str()
+            .map(str::to_string),
+        size,
+        content_type: input_type
+            .filter(|t| t.starts_with("image/"))
+            .map(str::to_string),
     })
 }
 
 /// Reads every `*.jsonl` file under `dir`, recursively.
-pub fn load_dir(dir: &Path) -> anyhow::Result<Loaded> {
+pub fn load_dir(dir: &Path, how: &Interpretation) -> anyhow::Result<Loaded> {
     let mut loaded = Loaded::default();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -103,7 +284,7 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Loaded> {
             } else if path.extension().is_some_and(|e| e == "jsonl") {
                 let bytes = std::fs::read(&path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
-                loaded.add_object(&bytes);
+                loaded.add_object(&bytes, how);
             }
         }
     }
@@ -115,6 +296,7 @@ pub async fn load_s3(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     prefix: &str,
+    how: &Interpretation,
 ) -> anyhow::Result<Loaded> {
     let mut loaded = Loaded::default();
     let list_prefix = if prefix.is_empty() {
@@ -157,14 +339,72 @@ pub async fn load_s3(
                 .await
                 .with_context(|| format!("reading s3://{bucket}/{key}"))?
                 .into_bytes();
-            loaded.add_object(&bytes);
+            loaded.add_object(&bytes, how);
         }
     }
     Ok(loaded)
 }
 
+/// Reads the capture at `from`: `s3://bucket/prefix` (with the S3 settings
+/// of `cfg`) or a local directory; SageMaker's own lines are read with
+/// `cfg`'s labels and thresholds.
+pub async fn load_capture(cfg: &crate::config::Config, from: &str) -> anyhow::Result<Loaded> {
+    let how = Interpretation::from_config(cfg);
+    if from.starts_with("s3://") {
+        let Some((bucket, prefix)) = crate::config::parse_s3_url(from) else {
+            bail!("--from `{from}` is not s3://bucket/prefix");
+        };
+        let sdk = crate::clients::aws::sdk_config(cfg).await;
+        let client = crate::clients::aws::s3_client(&sdk, cfg);
+        load_s3(&client, &bucket, &prefix, &how).await
+    } else {
+        load_dir(Path::new(from), &how)
+    }
+}
+
 /// Writes the three charts as PNG and SVG into `out`; returns the files.
 pub fn render(points: &[Point], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    render_with(points, out, None)
+}
+
+/// Time buckets of the drift chart, and the fewest predictions a bucket
+/// needs to be drawn.
+const DRIFT_BUCKETS: usize = 30;
+const DRIFT_MIN_POINTS: usize = 20;
+
+/// Drift of the points against `baseline`, per time bucket: (bucket
+/// middle, its measures).
+pub fn drift_series(points: &[Point], baseline: &Tally) -> Vec<(f64, Measures)> {
+    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
+    let t1 = points
+        .iter()
+        .map(|p| p.time)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !t0.is_finite() {
+        return Vec::new();
+    }
+    let width = ((t1 - t0) / DRIFT_BUCKETS as f64).max(1e-9);
+    let mut buckets = vec![Tally::default(); DRIFT_BUCKETS];
+    let mut counts = vec![0usize; DRIFT_BUCKETS];
+    for p in points {
+        let i = (((p.time - t0) / width) as usize).min(DRIFT_BUCKETS - 1);
+        buckets[i].add(&p.observation());
+        counts[i] += 1;
+    }
+    buckets
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| counts[*i] >= DRIFT_MIN_POINTS)
+        .map(|(i, t)| (t0 + (i as f64 + 0.5) * width, measure(baseline, t)))
+        .collect()
+}
+
+/// As [`render`]; with a baseline, also the drift chart.
+pub fn render_with(
+    points: &[Point],
+    out: &Path,
+    baseline: Option<&Tally>,
+) -> anyhow::Result<Vec<PathBuf>> {
     if points.is_empty() {
         bail!("no captured predictions to plot");
     }
@@ -175,11 +415,15 @@ pub fn render(points: &[Point], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     });
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut written = Vec::new();
-    for (name, chart) in [
+    let mut charts = vec![
         ("confidence-over-time", Chart::OverTime),
         ("confidence-histogram", Chart::Histogram),
         ("decisions-by-label", Chart::ByLabel),
-    ] {
+    ];
+    if let Some(b) = baseline {
+        charts.push(("drift-over-time", Chart::Drift(b)));
+    }
+    for (name, chart) in charts {
         let png = out.join(format!("{name}.png"));
         let svg = out.join(format!("{name}.svg"));
         {
@@ -205,17 +449,18 @@ pub fn render(points: &[Point], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 #[derive(Clone, Copy)]
-enum Chart {
+enum Chart<'a> {
     OverTime,
     Histogram,
     ByLabel,
+    Drift(&'a Tally),
 }
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-impl Chart {
+impl Chart<'_> {
     fn draw<DB: DrawingBackend>(
-        self,
+        &self,
         root: &DrawingArea<DB, Shift>,
         points: &[Point],
     ) -> DrawResult<DB> {
@@ -224,8 +469,83 @@ impl Chart {
             Chart::OverTime => over_time(root, points),
             Chart::Histogram => histogram(root, points),
             Chart::ByLabel => by_label(root, points),
+            Chart::Drift(b) => drift(root, points, b),
         }
     }
+}
+
+/// PSI of confidence and of the label mix per time bucket, with the 0.2
+/// line above which a shift is likely.
+fn drift<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[Point],
+    baseline: &Tally,
+) -> DrawResult<DB> {
+    let series = drift_series(points, baseline);
+    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
+    let t1 = points
+        .iter()
+        .map(|p| p.time)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let (unit, per) = match t1 - t0 {
+        s if s < 120.0 => ("seconds", 1.0),
+        s if s < 7200.0 => ("minutes", 60.0),
+        _ => ("hours", 3600.0),
+    };
+    let span = ((t1 - t0) / per).max(1e-3) * 1.02;
+    let y_max = series
+        .iter()
+        .map(|(_, m)| m.confidence_psi.max(m.label_psi))
+        .fold(0.3, f64::max)
+        .min(10.0)
+        * 1.1;
+    let mut chart = ChartBuilder::on(root)
+        .caption("Drift from the baseline", (FONT, 28))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..span, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("{unit} since {}", time_label(t0)))
+        .y_desc("population stability index")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    for (name, colour, pick) in [
+        (
+            "confidence",
+            REVIEW,
+            (|m: &Measures| m.confidence_psi) as fn(&Measures) -> f64,
+        ),
+        ("label mix", ACCEPTED, |m: &Measures| m.label_psi),
+    ] {
+        let line: Vec<(f64, f64)> = series
+            .iter()
+            .map(|(t, m)| ((t - t0) / per, pick(m).min(y_max)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))?
+            .label(format!("PSI of {name}"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        chart.draw_series(
+            line.into_iter()
+                .map(|xy| Circle::new(xy, 3, colour.filled())),
+        )?;
+    }
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, 0.2), (span, 0.2)],
+            8,
+            5,
+            THRESHOLD.stroke_width(2),
+        ))?
+        .label("0.2: a shift")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 /// The legend box, the same on every chart.
@@ -488,29 +808,33 @@ fn by_label<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, points: &[Point])
 /// `inferstream report`: reads the capture at `from` (s3://bucket/prefix,
 /// with the S3 settings of the configuration at `path`, or a directory) and
 /// writes the charts into `out`.
-pub async fn command(path: Option<&Path>, from: &str, out: &Path) -> std::process::ExitCode {
+pub async fn command(
+    path: Option<&Path>,
+    from: &str,
+    out: &Path,
+    baseline: Option<&Path>,
+) -> std::process::ExitCode {
     use std::process::ExitCode;
     crate::app::init_logging(crate::config::LogFormat::Text, "warn");
-    let loaded = if from.starts_with("s3://") {
-        let Some((bucket, prefix)) = crate::config::parse_s3_url(from) else {
-            eprintln!("error: --from `{}` is not s3://bucket/prefix", from);
+    // Labels and thresholds read SageMaker's own captures; S3 settings
+    // read s3:// captures.
+    let cfg = match crate::config::Config::load_unchecked(crate::app::config_path(path).as_deref())
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(2);
-        };
-        let cfg =
-            match crate::config::Config::load_unchecked(crate::app::config_path(path).as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-        let sdk = crate::clients::aws::sdk_config(&cfg).await;
-        let client = crate::clients::aws::s3_client(&sdk, &cfg);
-        load_s3(&client, &bucket, &prefix).await
-    } else {
-        load_dir(Path::new(from))
+        }
     };
-    let loaded = match loaded {
+    let baseline = match baseline.map(crate::pipeline::monitor::Baseline::load) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            eprintln!("error: --baseline: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let loaded = match load_capture(&cfg, from).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -531,7 +855,7 @@ pub async fn command(path: Option<&Path>, from: &str, out: &Path) -> std::proces
             String::new()
         }
     );
-    match render(&loaded.points, out) {
+    match render_with(&loaded.points, out, baseline.as_ref().map(|b| &b.tally)) {
         Ok(files) => {
             for f in files {
                 println!("wrote {}", f.display());
@@ -549,6 +873,55 @@ pub async fn command(path: Option<&Path>, from: &str, out: &Path) -> std::proces
 mod tests {
     use super::*;
 
+    fn how() -> Interpretation {
+        Interpretation {
+            labels: vec!["bicycle".into(), "motorcycle".into()],
+            threshold: 0.93,
+            label_thresholds: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn captures_written_by_sagemaker_are_read_with_the_configured_labels() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/capture/sagemaker");
+        let l = load_dir(&dir, &how()).unwrap();
+        assert_eq!((l.objects, l.bad_lines), (2, 0));
+        let mut points = l.points;
+        points.sort_by(|a, b| a.time.total_cmp(&b.time));
+        // AWS's documented line: one score, the second class's probability.
+        assert_eq!(points[0].time, 1_644_859_549.0);
+        assert_eq!(points[0].label, "bicycle");
+        assert!((points[0].confidence - (1.0 - 0.0254181120544672)).abs() < 1e-12);
+        assert!(points[0].accepted);
+        // An image classifier's answer, base64-encoded by SageMaker.
+        assert_eq!(points[1].label, "motorcycle");
+        assert_eq!(points[1].confidence, 0.88);
+        assert!(!points[1].accepted);
+    }
+
+    #[test]
+    fn both_formats_inferstream_writes_are_read() {
+        use crate::config::CaptureFormat;
+        let p: crate::record::Prediction = serde_json::from_value(serde_json::json!({
+            "schema": "inferstream.prediction.v1", "id": "u/k@e", "bucket": "u", "key": "k",
+            "etag": "e", "version_id": null, "size": 1, "label": "motorcycle", "confidence": 0.61,
+            "scores": {"bicycle": 0.39, "motorcycle": 0.61}, "threshold": 0.5, "decision": "accepted",
+            "endpoint": "x", "variant": null, "event_time": null,
+            "processed_at": "2026-11-25T10:00:00.000Z",
+            "latency_ms": {"fetch": 1.0, "infer": 1.0, "total": 1.0},
+            "source": {"topic": "t", "partition": 0, "offset": 1}
+        }))
+        .unwrap();
+        for format in [CaptureFormat::Sagemaker, CaptureFormat::Inferstream] {
+            let line = crate::pipeline::capture::render_line(&p, None, &how().labels, format);
+            let mut l = Loaded::default();
+            l.add_object(&line.bytes, &how());
+            // The prediction's own threshold and decision, not the config's.
+            assert_eq!(l.points.len(), 1, "{format:?}");
+            assert_eq!((l.points[0].threshold, l.points[0].accepted), (0.5, true));
+        }
+    }
+
     #[test]
     fn lines_that_are_not_captures_are_counted_not_fatal() {
         let mut l = Loaded::default();
@@ -556,11 +929,52 @@ mod tests {
             b"{\"prediction\": {\"processed_at\": \"2026-11-24T10:00:00.000Z\", \"label\": \"bicycle\", \
               \"confidence\": 0.97, \"threshold\": 0.93, \"decision\": \"accepted\"}}\n\
               not json\n\n{\"prediction\": {}}\n",
+            &how(),
         );
         assert_eq!(l.objects, 1);
         assert_eq!(l.points.len(), 1);
         assert_eq!(l.bad_lines, 2);
         assert!(l.points[0].accepted);
+    }
+
+    #[test]
+    fn the_drift_chart_shows_a_shift_where_it_happened() {
+        let point = |i: u32, confidence: f64| Point {
+            time: 1_800_000_000.0 + f64::from(i),
+            label: "bicycle".into(),
+            confidence,
+            threshold: 0.93,
+            accepted: confidence >= 0.93,
+            id: None,
+            size: None,
+            content_type: None,
+        };
+        let mut baseline = Tally::default();
+        for i in 0..100 {
+            baseline.add(&point(i, if i % 10 == 0 { 0.7 } else { 0.98 }).observation());
+        }
+        let points: Vec<Point> = (0..3000)
+            .map(|i| {
+                point(
+                    i,
+                    if i >= 1500 {
+                        0.55
+                    } else if i % 10 == 0 {
+                        0.7
+                    } else {
+                        0.98
+                    },
+                )
+            })
+            .collect();
+        let series = drift_series(&points, &baseline);
+        assert_eq!(series.len(), DRIFT_BUCKETS);
+        assert!(series[..15].iter().all(|(_, m)| m.confidence_psi < 0.1));
+        assert!(series[15..].iter().all(|(_, m)| m.confidence_psi > 0.2));
+        let dir = tempfile::tempdir().unwrap();
+        let files = render_with(&points, dir.path(), Some(&baseline)).unwrap();
+        assert_eq!(files.len(), 8);
+        assert!(dir.path().join("drift-over-time.svg").is_file());
     }
 
     #[test]
@@ -573,6 +987,9 @@ mod tests {
                 confidence: 0.5 + f64::from(i) / 100.0,
                 threshold: 0.93,
                 accepted: 0.5 + f64::from(i) / 100.0 >= 0.93,
+                id: None,
+                size: None,
+                content_type: None,
             })
             .collect();
         let files = render(&points, dir.path()).unwrap();

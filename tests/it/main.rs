@@ -10,5 +10,6 @@ mod compose;
 mod crash;
 mod harness;
 mod hostile;
+mod monitor;
 mod paths;
 mod pipeline;

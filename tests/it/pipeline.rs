@@ -165,9 +165,16 @@ async fn happy_path(mode: &str, n: usize) {
     // Data capture on, with a flush interval longer than the test: what
     // reaches S3 is written by size or by the flush at shutdown.
     let destination = format!("s3://capture/{mode}");
+    // Model Monitor's format in per-image mode, inferstream's in batch mode.
+    let format = if mode == "batch" {
+        "inferstream"
+    } else {
+        "sagemaker"
+    };
     let service = stack
         .service(&[
             ("ENDPOINT__MODE", mode),
+            ("CAPTURE__FORMAT", format),
             ("CAPTURE__ENABLED", "true"),
             ("CAPTURE__DESTINATION", &destination),
             ("CAPTURE__CAPTURE_INPUT", "true"),
@@ -241,9 +248,14 @@ async fn happy_path(mode: &str, n: usize) {
     // Every prediction was captured (100% sampling), none lost at shutdown,
     // in hour-partitioned objects, input and output included.
     let captured = stack.captured(mode).await;
+    let prediction_field = if format == "sagemaker" {
+        "inferstream"
+    } else {
+        "prediction"
+    };
     let mut ids: Vec<&str> = captured
         .iter()
-        .map(|(_, l)| l["prediction"]["id"].as_str().unwrap())
+        .map(|(_, l)| l[prediction_field]["id"].as_str().unwrap())
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -257,19 +269,47 @@ async fn happy_path(mode: &str, n: usize) {
     );
     for (key, line) in &captured {
         let parts: Vec<&str> = key.split('/').collect();
-        assert_eq!(parts.len(), 6, "{key}: <prefix>/yyyy/mm/dd/hh/name");
-        assert_eq!(parts[0], mode);
-        let t = line["captured_at"].as_str().unwrap();
-        assert_eq!(
-            parts[1..5].join("/"),
-            format!("{}/{}/{}/{}", &t[0..4], &t[5..7], &t[8..10], &t[11..13])
-        );
         assert!(key.ends_with(".jsonl"));
-        assert_eq!(line["schema"], "inferstream.capture.v1");
-        assert_eq!(line["endpoint_input"]["encoding"], "BASE64");
-        let scores: Vec<f64> =
-            serde_json::from_str(line["endpoint_output"]["data"].as_str().unwrap()).unwrap();
-        assert_eq!(scores.len(), 2);
+        assert_eq!(parts[0], mode);
+        let hour = |t: &str| format!("{}/{}/{}/{}", &t[0..4], &t[5..7], &t[8..10], &t[11..13]);
+        if format == "sagemaker" {
+            // Model Monitor's layout and fields.
+            assert_eq!(
+                parts.len(),
+                8,
+                "{key}: <prefix>/<endpoint>/<variant>/yyyy/mm/dd/hh/name"
+            );
+            assert_eq!(parts[1], "image-classifier");
+            let t = line["eventMetadata"]["inferenceTime"].as_str().unwrap();
+            assert_eq!(parts[3..7].join("/"), hour(t));
+            assert_eq!(line["eventVersion"], "0");
+            let input = &line["captureData"]["endpointInput"];
+            assert_eq!(
+                (&input["mode"], &input["encoding"]),
+                (&"INPUT".into(), &"BASE64".into())
+            );
+            assert!(input["observedContentType"]
+                .as_str()
+                .unwrap()
+                .starts_with("image/"));
+            let output = &line["captureData"]["endpointOutput"];
+            assert_eq!(
+                (&output["mode"], &output["encoding"]),
+                (&"OUTPUT".into(), &"JSON".into())
+            );
+            let scores: Vec<f64> = serde_json::from_str(output["data"].as_str().unwrap()).unwrap();
+            assert_eq!(scores.len(), 2);
+            assert_eq!(line["eventMetadata"]["eventId"].as_str().unwrap().len(), 36);
+        } else {
+            assert_eq!(parts.len(), 6, "{key}: <prefix>/yyyy/mm/dd/hh/name");
+            let t = line["captured_at"].as_str().unwrap();
+            assert_eq!(parts[1..5].join("/"), hour(t));
+            assert_eq!(line["schema"], "inferstream.capture.v1");
+            assert_eq!(line["endpoint_input"]["encoding"], "BASE64");
+            let scores: Vec<f64> =
+                serde_json::from_str(line["endpoint_output"]["data"].as_str().unwrap()).unwrap();
+            assert_eq!(scores.len(), 2);
+        }
     }
 
     // `inferstream report` draws the charts from that capture.
