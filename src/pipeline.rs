@@ -336,6 +336,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         })
     });
     let (capturer, capture_task) = capture.unzip();
+    let capture_pending = capturer.as_ref().map(Capturer::pending);
     let cap = config.pipeline.max_in_flight;
     let (job_tx, job_rx) = mpsc::channel::<Job>(cap);
     // Fetched images are the large part of what is in flight; only enough
@@ -486,8 +487,14 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
             .is_err()
         {
             task.abort();
+            let _ = task.await;
+            let lost = capture_pending
+                .as_ref()
+                .map_or(0, |p| p.swap(0, std::sync::atomic::Ordering::Relaxed));
+            metrics.capture_failed.inc_by(lost);
             tracing::warn!(
-                "data capture did not finish its last write within pipeline.shutdown_timeout"
+                lines = lost,
+                "data capture did not finish its last writes within pipeline.shutdown_timeout; those lines are lost (counted in inferstream_capture_failed_total)"
             );
         }
     }

@@ -9,6 +9,10 @@
 //! counted and logged, not retried forever; lines offered while twice
 //! `capture.max_object_bytes` already wait for the writer are dropped and
 //! counted, so a slow or hung S3 never fills memory or stalls inference.
+//! Memory: the lines waiting for the writer (at most twice
+//! `capture.max_object_bytes`), one buffer of up to `max_object_bytes` per
+//! open folder (variants × hours open), and the object being written.
+//! Lines still buffered when shutdown ends the writer are counted as failed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -206,6 +210,9 @@ pub struct Capturer {
     capture_input: bool,
     format: CaptureFormat,
     labels: Arc<[String]>,
+    /// Lines handed over and not yet written or counted as failed.
+    pending: Arc<std::sync::atomic::AtomicU64>,
+    budget_total: u32,
     metrics: Arc<Metrics>,
 }
 
@@ -222,7 +229,9 @@ impl Capturer {
         let (bucket, prefix) = cfg.bucket_and_prefix()?;
         let (tx, rx) = mpsc::channel(1024);
         let budget = (cfg.max_object_bytes.saturating_mul(2)).clamp(1 << 20, u32::MAX as usize);
+        let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
+            pending: pending.clone(),
             client,
             bucket,
             prefix,
@@ -243,6 +252,8 @@ impl Capturer {
                 capture_input: cfg.capture_input,
                 format: cfg.format,
                 labels: labels.into(),
+                pending,
+                budget_total: u32::try_from(budget).unwrap_or(u32::MAX),
                 metrics,
             },
             task,
@@ -263,14 +274,26 @@ impl Capturer {
     /// dropped and counted.
     pub fn offer(&self, p: &Prediction, input: Option<(&str, &[u8])>) {
         let line = render_line(p, input, &self.labels, self.format);
-        let bytes = u32::try_from(line.bytes.len()).unwrap_or(u32::MAX);
+        // A line larger than the whole budget takes all of it (it is not
+        // refused for ever).
+        let bytes = u32::try_from(line.bytes.len())
+            .unwrap_or(u32::MAX)
+            .min(self.budget_total);
         let sent = match self.budget.clone().try_acquire_many_owned(bytes) {
             Ok(permit) => self.tx.try_send((line, permit)).is_ok(),
             Err(_) => false,
         };
-        if !sent {
+        if sent {
+            self.pending
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
             self.metrics.capture_dropped.inc();
         }
+    }
+
+    /// Counts lines handed over and not yet written or counted as failed.
+    pub fn pending(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.pending.clone()
     }
 }
 
@@ -284,6 +307,7 @@ struct Writer {
     interval: Duration,
     max_attempts: u32,
     timeout: Duration,
+    pending: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
@@ -415,6 +439,8 @@ impl Writer {
                     )
                 }
                 Ok(Ok(_)) => {
+                    self.pending
+                        .fetch_sub(b.lines as u64, std::sync::atomic::Ordering::Relaxed);
                     self.metrics.capture_objects.inc();
                     self.metrics.capture_lines.inc_by(b.lines as u64);
                     tracing::debug!(bucket = %self.bucket, %key, lines = b.lines, "capture written");
@@ -423,6 +449,8 @@ impl Writer {
                 Ok(Err(e)) => last = crate::clients::aws::describe(&e),
             }
         }
+        self.pending
+            .fetch_sub(b.lines as u64, std::sync::atomic::Ordering::Relaxed);
         self.metrics.capture_failed.inc_by(b.lines as u64);
         tracing::warn!(bucket = %self.bucket, %key, lines = b.lines, error = %last, "data capture write failed every attempt; lines dropped");
     }
