@@ -392,6 +392,12 @@ pub struct MonitorConfig {
     pub window: Duration,
     /// Drift is reported once the window holds this many predictions.
     pub min_predictions: u64,
+    /// Kafka topic of true labels (`{"id", "label"}` or Model Monitor
+    /// ground-truth lines); empty: no accuracy metrics.
+    pub ground_truth_topic: String,
+    /// Predictions wait this long for their true label; later ones are late.
+    #[serde(with = "humantime_serde")]
+    pub ground_truth_window: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -873,6 +879,25 @@ impl Config {
             }
         }
 
+        if self.monitor.ground_truth_window.is_zero() {
+            err("monitor.ground_truth_window", "must be above zero".into());
+        }
+        let gt = &self.monitor.ground_truth_topic;
+        if !gt.is_empty() {
+            for (key, topic) in [
+                ("kafka.input_topic", &self.kafka.input_topic),
+                ("kafka.results_topic", &self.kafka.results_topic),
+                ("kafka.review_topic", &self.kafka.review_topic),
+                ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+            ] {
+                if topic == gt {
+                    err(
+                        "monitor.ground_truth_topic",
+                        format!("is {key} `{topic}`; true labels need a topic of their own"),
+                    );
+                }
+            }
+        }
         if self.monitor.window < Duration::from_secs(1) {
             err(
                 "monitor.window",

@@ -41,6 +41,7 @@
 //!   pipeline/sink.rs       Kafka results/review/dead-letter topics, SNS alerts
 //!   pipeline/capture.rs    sampled predictions to S3 (data capture)
 //!   pipeline/monitor.rs    model monitoring: baseline, drift (PSI) over a sliding window
+//!   pipeline/truth.rs      ground truth joined to predictions: accuracy, precision, recall
 //!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
 //!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
@@ -96,6 +97,7 @@ mod layout_tests {
         ("pipeline::sink", 18),
         ("pipeline::capture", 19),
         ("pipeline::monitor", 20),
+        ("pipeline::truth", 20),
         ("pipeline::digest", 21),
         ("pipeline::alerts", 22),
         ("pipeline", 30),

@@ -69,7 +69,18 @@ pub struct Metrics {
     pub drift_image_type_psi: Gauge,
     pub review_share: Gauge,
     pub baseline_review_share: Gauge,
+    pub ground_truth_labels: IntCounterVec,
+    pub confusion: IntCounterVec,
+    pub judged: IntCounterVec,
+    pub correct: IntCounterVec,
+    pub accuracy: Gauge,
+    pub precision: prometheus::GaugeVec,
+    pub recall: prometheus::GaugeVec,
+    pub ground_truth_waiting: IntGauge,
 }
+
+/// The `outcome` label values of `inferstream_ground_truth_labels_total`.
+pub const GROUND_TRUTH_OUTCOMES: [&str; 5] = ["matched", "late", "not_here", "again", "bad"];
 
 fn buckets_seconds() -> Vec<f64> {
     vec![
@@ -174,6 +185,18 @@ impl Metrics {
             drift_image_type_psi: reg!(Gauge::new("inferstream_drift_image_type_psi", "Population stability index of image types over monitor.window against monitor.baseline")?),
             review_share: reg!(Gauge::new("inferstream_review_share", "Share of predictions below the threshold over monitor.window")?),
             baseline_review_share: reg!(Gauge::new("inferstream_baseline_review_share", "Share of predictions below the threshold in monitor.baseline")?),
+            ground_truth_labels: reg!(counter_vec(
+                "inferstream_ground_truth_labels_total",
+                "True labels read, by outcome (matched: a prediction made here within monitor.ground_truth_window; late: made here before it; not_here: another instance's or before a restart; again: judged already; bad: unreadable)",
+                &["outcome"]
+            )?),
+            confusion: reg!(counter_vec("inferstream_confusion_total", "Judged predictions by true and predicted label (the confusion matrix)", &["actual", "predicted"])?),
+            judged: reg!(counter_vec("inferstream_judged_predictions_total", "Predictions with a true label, by decision (accepted, review)", &["decision"])?),
+            correct: reg!(counter_vec("inferstream_correct_predictions_total", "Judged predictions whose label was right, by decision", &["decision"])?),
+            accuracy: reg!(Gauge::new("inferstream_accuracy", "Share of judged predictions whose label was right, since start")?),
+            precision: reg!(prometheus::GaugeVec::new(Opts::new("inferstream_precision", "Per predicted label: share right, since start"), &["label"])?),
+            recall: reg!(prometheus::GaugeVec::new(Opts::new("inferstream_recall", "Per true label: share found, since start"), &["label"])?),
+            ground_truth_waiting: reg!(IntGauge::new("inferstream_ground_truth_waiting", "Predictions made here waiting for their true label (within monitor.ground_truth_window)")?),
             registry,
         };
         Ok(m)
@@ -199,6 +222,13 @@ impl Metrics {
         }
         for reason in SUPPRESSED_REASONS {
             self.alerts_suppressed.with_label_values(&[reason]);
+        }
+        for outcome in GROUND_TRUTH_OUTCOMES {
+            self.ground_truth_labels.with_label_values(&[outcome]);
+        }
+        for decision in known.decisions {
+            self.judged.with_label_values(&[decision]);
+            self.correct.with_label_values(&[decision]);
         }
         for reason in known.skip_reasons {
             self.records_skipped.with_label_values(&[reason]);

@@ -25,6 +25,7 @@ pub mod monitor;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod truth;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -54,10 +55,19 @@ use crate::pipeline::infer::{InferError, Inference, Inferrer, Input};
 use crate::pipeline::monitor::{Baseline, Drift, Observation};
 use crate::pipeline::sink::{Alerter, KafkaSink};
 use crate::pipeline::source::{Committer, InputConsumer, SourceContext};
+use crate::pipeline::truth::GroundTruth;
 use crate::record::{
     now_rfc3339, DeadLetter, DeadLetterReason, Decision, Latency, Payload, Prediction, SourceRef,
     PREDICTION_SCHEMA,
 };
+
+/// What watches the predictions beside the outputs: data capture, drift,
+/// ground truth.
+struct Watchers {
+    capturer: Option<Capturer>,
+    drift: Option<Arc<Drift>>,
+    truth: Option<Arc<GroundTruth>>,
+}
 
 /// One image on its way.
 struct Job {
@@ -113,6 +123,7 @@ struct Parts {
     alerts: Option<Alerts>,
     capture: Option<(Capturer, tokio::task::JoinHandle<()>)>,
     drift: Option<Arc<Drift>>,
+    truth: Option<Arc<GroundTruth>>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     http: tokio::task::JoinHandle<()>,
@@ -192,6 +203,13 @@ pub async fn start_with(
             metrics.clone(),
         ))
     };
+    let truth = (!config.monitor.ground_truth_topic.is_empty()).then(|| {
+        GroundTruth::new(
+            config.monitor.ground_truth_window,
+            &config.endpoint.labels,
+            metrics.clone(),
+        )
+    });
     let (alerter, publisher) = match (config.alerts.mode, digests) {
         (AlertMode::Each, _) => (sns, None),
         (AlertMode::Digest, Some(tx)) => (None, Some(Publisher::Channel(tx))),
@@ -278,6 +296,7 @@ pub async fn start_with(
         alerts,
         capture,
         drift,
+        truth,
         tracker,
         metrics: metrics.clone(),
         http,
@@ -309,11 +328,20 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         alerts,
         capture,
         drift,
+        truth,
         tracker,
         metrics,
         http,
         http_stop,
     } = parts;
+    // True labels joined to this instance's predictions, until the end.
+    let truth_task = truth.clone().map(|t| {
+        tokio::spawn(t.run(
+            config.kafka.clone(),
+            config.kafka.group_id.clone(),
+            config.monitor.ground_truth_topic.clone(),
+        ))
+    });
     // Drift gauges, a slice of monitor.window at a time, until the end.
     let drift_task = drift
         .clone()
@@ -366,8 +394,11 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         inferrer,
         config.clone(),
         metrics.clone(),
-        capturer,
-        drift.clone(),
+        Watchers {
+            capturer,
+            drift: drift.clone(),
+            truth: truth.clone(),
+        },
         out_tx.clone(),
     ));
     let sinks = tokio::spawn(sink_stage(
@@ -552,7 +583,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         http.abort();
     }
     stop_watch.abort();
-    if let Some(t) = drift_task {
+    for t in [drift_task, truth_task].into_iter().flatten() {
         t.abort();
     }
     match tracker.fatal_reason() {
@@ -1068,10 +1099,14 @@ async fn infer_stage(
     inferrer: Inferrer,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    capturer: Option<Capturer>,
-    drift: Option<Arc<Drift>>,
+    watchers: Watchers,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
+    let Watchers {
+        capturer,
+        drift,
+        truth,
+    } = watchers;
     // One batch more than calls allowed: it builds its request while
     // waiting for a call slot, so the endpoint never waits for that. Each
     // is a task: calls keep running (and their deadlines mean what they
@@ -1090,6 +1125,9 @@ async fn infer_stage(
                         let output = match result {
                             Ok(inference) => {
                                 let p = prediction(image, source, consumed, &fetched, inference, &config, &metrics);
+                                if let Some(t) = &truth {
+                                    t.predicted(&p);
+                                }
                                 if let Some(d) = &drift {
                                     d.observe(&Observation {
                                         confidence: p.confidence,

@@ -167,3 +167,114 @@ async fn drift_stays_low_on_a_stable_stream_and_rises_within_a_window_of_a_shift
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn true_labels_give_accuracy_the_confusion_matrix_and_late_labels() {
+    let stack = Stack::start(Faults::default()).await;
+    stack
+        .kafka
+        .create_topic("ground-truth", PARTITIONS, 1)
+        .expect("create topic");
+    let (uploads, events) = crate::pipeline::upload_images(&stack, 1000, "truth").await;
+    let service = stack
+        .service(&[
+            ("MONITOR__GROUND_TRUTH_TOPIC", "ground-truth"),
+            ("MONITOR__GROUND_TRUTH_WINDOW", "20s"),
+        ])
+        .await;
+    let end = std::time::Instant::now() + MINUTE;
+    while !service
+        .log_text()
+        .contains("ground truth: reading true labels")
+    {
+        assert!(std::time::Instant::now() < end, "{}", service.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.produce(&events).await;
+    let mut out = stack.collector();
+    out.all_predicted(&stack, 1000, 2 * MINUTE).await;
+    let predicted: std::collections::HashMap<String, String> = predictions_by_id(&out.records)
+        .into_iter()
+        .map(|(id, r)| (id, r[0].value["label"].as_str().unwrap().to_string()))
+        .collect();
+
+    // True labels for 900 of them, one in ten saying the model was wrong;
+    // the last 100 are held back to arrive late.
+    let other = |l: &str| {
+        if l == "bicycle" {
+            "motorcycle"
+        } else {
+            "bicycle"
+        }
+    };
+    let mut expected: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    let labels: Vec<(String, Vec<u8>)> = uploads[..900]
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let p = predicted[&u.id].clone();
+            let actual = if i % 10 == 0 {
+                other(&p).to_string()
+            } else {
+                p.clone()
+            };
+            *expected.entry((actual.clone(), p)).or_default() += 1;
+            let rec = serde_json::json!({"id": u.id, "label": actual});
+            (u.id.clone(), serde_json::to_vec(&rec).unwrap())
+        })
+        .collect();
+    stack.produce_to("ground-truth", &labels).await;
+    service
+        .wait_metric(
+            "inferstream_ground_truth_labels_total",
+            &["outcome=\"matched\""],
+            MINUTE,
+            |v| v >= 900.0,
+        )
+        .await;
+    let accuracy = service.metric("inferstream_accuracy", &[]).await;
+    assert!((accuracy - 0.90).abs() <= 0.01, "accuracy {accuracy}");
+    for ((actual, predicted), n) in &expected {
+        let got = service
+            .metric(
+                "inferstream_confusion_total",
+                &[
+                    &format!("actual=\"{actual}\""),
+                    &format!("predicted=\"{predicted}\""),
+                ],
+            )
+            .await;
+        assert_eq!(got, *n as f64, "confusion {actual} / {predicted}");
+    }
+
+    // Past the window, the other 100 labels are late, not judged.
+    service
+        .wait_metric("inferstream_ground_truth_waiting", &[], MINUTE, |v| {
+            v == 0.0
+        })
+        .await;
+    let late: Vec<(String, Vec<u8>)> = uploads[900..]
+        .iter()
+        .map(|u| {
+            let rec = serde_json::json!({"id": u.id, "label": predicted[&u.id]});
+            (u.id.clone(), serde_json::to_vec(&rec).unwrap())
+        })
+        .collect();
+    stack.produce_to("ground-truth", &late).await;
+    service
+        .wait_metric(
+            "inferstream_ground_truth_labels_total",
+            &["outcome=\"late\""],
+            MINUTE,
+            |v| v >= 100.0,
+        )
+        .await;
+    assert_eq!(
+        service
+            .metric("inferstream_judged_predictions_total", &[])
+            .await,
+        900.0
+    );
+    assert_eq!(service.metric("inferstream_accuracy", &[]).await, accuracy);
+    eprintln!("ground truth: 1,000 predictions, 900 labels (10% wrong) -> accuracy {accuracy:.3}; 100 late labels counted as late");
+}
