@@ -17,8 +17,12 @@ use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::record::{Decision, Prediction};
 
-/// Predictions kept for joining, at most (about 100 bytes each).
-pub const MAX_KEPT: usize = 2_000_000;
+/// Predictions kept for joining, at most (about 500 bytes each with their
+/// keys: about 100 MB); past it the oldest are expired early.
+pub const MAX_KEPT: usize = 200_000;
+/// Keys of expired predictions remembered (to count their labels late),
+/// at most (about 200 bytes each).
+pub const MAX_EXPIRED: usize = 400_000;
 
 /// What a ground-truth label did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +113,11 @@ impl Truth {
         for key in [id, event_id] {
             if self.expired.insert(key.clone()) {
                 self.expired_order.push_back((at, key));
+            }
+        }
+        while self.expired_order.len() > MAX_EXPIRED {
+            if let Some((_, key)) = self.expired_order.pop_front() {
+                self.expired.remove(&key);
             }
         }
         true
@@ -416,6 +425,20 @@ mod tests {
         assert_eq!(t.label("u/c@1", "cat", 71_000).0, Joined::Late);
         assert_eq!(t.label("u/zz@1", "cat", 71_000).0, Joined::NotHere);
         assert_eq!(t.kept(), 0);
+    }
+
+    #[test]
+    fn memory_is_bounded_whatever_the_rate() {
+        let mut t = Truth::new(Duration::from_secs(3600));
+        for i in 0..MAX_KEPT + 10 {
+            t.predicted(&format!("id{i}"), format!("ev{i}"), "cat", false, 0);
+        }
+        assert_eq!(t.kept(), MAX_KEPT);
+        // The early-expired ones are late, the kept ones not.
+        assert_eq!(t.label("id3", "cat", 0).0, Joined::Late);
+        t.expire(3_600_001);
+        assert_eq!(t.kept(), 0);
+        assert!(t.expired.len() <= MAX_EXPIRED && t.expired_order.len() <= MAX_EXPIRED);
     }
 
     #[test]
