@@ -12,21 +12,25 @@ pub struct Routed {
     pub decision: Decision,
 }
 
+/// The top score's index and value (the first on a tie).
+pub fn top(scores: &[f64]) -> (usize, f64) {
+    scores
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, s)| {
+            if s > best.1 {
+                (i, s)
+            } else {
+                best
+            }
+        })
+}
+
 /// Picks the top label (the first on a tie) and compares its confidence
 /// with that label's threshold: at or above is accepted, below is review.
 pub fn route(scores: &[f64], config: &Config) -> Routed {
-    let (label, confidence) =
-        scores
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f64::NEG_INFINITY), |best, (i, s)| {
-                if s > best.1 {
-                    (i, s)
-                } else {
-                    best
-                }
-            });
+    let (label, confidence) = top(scores);
     let threshold = config
         .endpoint
         .labels

@@ -364,11 +364,7 @@ impl GroundTruth {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::record::now_ms;
 
 /// `{"id", "label"}`, or Model Monitor's ground-truth line
 /// (`groundTruthData.data` the label, or its index in the model's labels;

@@ -232,17 +232,7 @@ fn parse_line(line: &[u8], how: &Interpretation) -> Option<Point> {
             (0, 1.0 - p)
         }
     } else {
-        scores
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f64::NEG_INFINITY), |best, (i, s)| {
-                if s > best.1 {
-                    (i, s)
-                } else {
-                    best
-                }
-            })
+        crate::pipeline::route::top(&scores)
     };
     let label = how
         .labels

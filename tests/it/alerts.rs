@@ -45,26 +45,9 @@ fn assert_each_listed_once(uploads: &[&Upload], got: &[Digest]) {
 
 /// Waits until the alerts group has committed the whole review topic.
 async fn wait_alerts_committed(stack: &Stack, deadline: Duration) {
-    let ends = stack.ends(REVIEW);
-    let end = Instant::now() + deadline;
-    loop {
-        let committed = committed_on(
-            &stack.kafka.bootstrap_servers(),
-            &alerts_group(stack),
-            REVIEW,
-        );
-        if ends
-            .iter()
-            .all(|(p, hi)| *hi == 0 || committed.get(p) == Some(hi))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "review topic not committed by the alerts group: {committed:?}, ends {ends:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack
+        .wait_group_committed_to_end(&alerts_group(stack), REVIEW, deadline)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -395,11 +395,6 @@ impl Stack {
         Collector::new(&self.kafka.bootstrap_servers())
     }
 
-    /// The service group's committed offsets on the input topic.
-    pub fn committed(&self) -> BTreeMap<i32, i64> {
-        committed_offsets(&self.kafka.bootstrap_servers(), &self.group)
-    }
-
     /// The input topic's end offsets.
     pub fn input_ends(&self) -> BTreeMap<i32, i64> {
         self.ends(INPUT)
@@ -420,10 +415,16 @@ impl Stack {
 
     /// Waits until the service group has committed every input offset.
     pub async fn wait_committed_to_end(&self, deadline: Duration) {
-        let ends = self.input_ends();
+        self.wait_group_committed_to_end(&self.group, INPUT, deadline)
+            .await;
+    }
+
+    /// Waits until `group` has committed every offset of `topic`.
+    pub async fn wait_group_committed_to_end(&self, group: &str, topic: &str, deadline: Duration) {
+        let ends = self.ends(topic);
         let end = Instant::now() + deadline;
         loop {
-            let committed = self.committed();
+            let committed = committed_on(&self.kafka.bootstrap_servers(), group, topic);
             if ends
                 .iter()
                 .all(|(p, hi)| *hi == 0 || committed.get(p) == Some(hi))
@@ -432,7 +433,7 @@ impl Stack {
             }
             assert!(
                 Instant::now() < end,
-                "offsets not committed to the end: committed {committed:?}, ends {ends:?}"
+                "{topic} not committed to the end by {group}: committed {committed:?}, ends {ends:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -601,10 +602,6 @@ fn client<C: rdkafka::config::FromClientConfig>(brokers: &str, group: &str) -> C
         .set("auto.offset.reset", "earliest")
         .create()
         .expect("kafka client")
-}
-
-pub fn committed_offsets(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
-    committed_on(brokers, group, INPUT)
 }
 
 /// `group`'s committed offsets on `topic`.
