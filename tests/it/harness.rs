@@ -659,17 +659,32 @@ impl Collector {
     /// Reads until `done(records)` holds; panics after `deadline`. `done`
     /// is checked after each burst of records, not after each record.
     pub async fn until<F: Fn(&[Out]) -> bool>(&mut self, what: &str, deadline: Duration, done: F) {
+        if let Err(e) = self.try_until(what, deadline, done).await {
+            panic!("{e}");
+        }
+    }
+
+    /// As `until`, but a timeout is returned, so that the caller can add
+    /// what it knows (the service's log, which images are missing).
+    pub async fn try_until<F: Fn(&[Out]) -> bool>(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        done: F,
+    ) -> Result<(), String> {
         let end = Instant::now() + deadline;
         while !done(&self.records) {
             let left = end.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "timed out after {deadline:?} waiting for {what}; have {} records: {}",
-                self.records.len(),
-                summary(&self.records)
-            );
+            if left.is_zero() {
+                return Err(format!(
+                    "timed out after {deadline:?} waiting for {what}; have {} records: {}",
+                    self.records.len(),
+                    summary(&self.records)
+                ));
+            }
             self.read(left.min(Duration::from_millis(500))).await;
         }
+        Ok(())
     }
 
     /// Reads until each of `n` images has a prediction (within `deadline`),
