@@ -398,6 +398,12 @@ pub struct MonitorConfig {
     /// Predictions wait this long for their true label; later ones are late.
     #[serde(with = "humantime_serde")]
     pub ground_truth_window: Duration,
+    /// `s3://bucket/prefix` of Model Monitor ground-truth JSON Lines
+    /// objects (or `{"id", "label"}` lines); empty: none read from S3.
+    pub ground_truth_s3: String,
+    /// How often the `ground_truth_s3` prefix is listed for new objects.
+    #[serde(with = "humantime_serde")]
+    pub ground_truth_poll: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -882,6 +888,40 @@ impl Config {
         if self.monitor.ground_truth_window.is_zero() {
             err("monitor.ground_truth_window", "must be above zero".into());
         }
+        let s3 = &self.monitor.ground_truth_s3;
+        if !s3.is_empty() {
+            match parse_s3_url(s3) {
+                None => err(
+                    "monitor.ground_truth_s3",
+                    format!("`{s3}` is not an s3://bucket/prefix URL"),
+                ),
+                Some((_, prefix)) if prefix.ends_with(".jsonl") => err(
+                    "monitor.ground_truth_s3",
+                    format!("`{s3}` names an object; give the prefix the ground-truth objects are written under"),
+                ),
+                Some((bucket, prefix)) => {
+                    let overlaps = |(b, p): (String, String)| {
+                        b == bucket
+                            && (p.is_empty()
+                                || prefix.is_empty()
+                                || format!("{p}/").starts_with(&format!("{prefix}/"))
+                                || format!("{prefix}/").starts_with(&format!("{p}/")))
+                    };
+                    if self.capture.enabled && self.capture.bucket_and_prefix().is_some_and(overlaps) {
+                        err(
+                            "monitor.ground_truth_s3",
+                            format!(
+                                "`{s3}` overlaps capture.destination `{}`; capture lines are not ground truth, give them prefixes of their own",
+                                self.capture.destination
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if self.monitor.ground_truth_poll < Duration::from_secs(1) {
+            err("monitor.ground_truth_poll", "must be at least 1s".into());
+        }
         let gt = &self.monitor.ground_truth_topic;
         if !gt.is_empty() {
             for (key, topic) in [
@@ -1315,6 +1355,36 @@ empty = []
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn ground_truth_in_s3_needs_a_prefix_of_its_own() {
+        let check = |monitor: &str| {
+            Config::from_toml_str(&format!(
+                "[alerts]\nenabled = false\n[capture]\nenabled = true\ndestination = \"s3://cap/datacapture\"\n[monitor]\n{monitor}"
+            ))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        };
+        assert_eq!(check("ground_truth_s3 = \"s3://cap/groundtruth\""), "");
+        assert_eq!(
+            check("ground_truth_s3 = \"s3://cap/datacapture-truth\""),
+            ""
+        );
+        for (value, needle) in [
+            ("bucket/x", "is not an s3://bucket/prefix URL"),
+            ("s3://cap/gt/labels.jsonl", "names an object"),
+            ("s3://cap", "overlaps capture.destination"),
+            ("s3://cap/datacapture/gt", "overlaps capture.destination"),
+        ] {
+            let err = check(&format!("ground_truth_s3 = \"{value}\""));
+            assert!(
+                err.contains("monitor.ground_truth_s3") && err.contains(needle),
+                "{value}: {err}"
+            );
+        }
+        assert!(check("ground_truth_poll = \"0s\"").contains("monitor.ground_truth_poll"));
     }
 
     #[test]

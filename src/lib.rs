@@ -42,6 +42,7 @@
 //!   pipeline/capture.rs    sampled predictions to S3 (data capture)
 //!   pipeline/monitor.rs    model monitoring: baseline, drift (PSI) over a sliding window
 //!   pipeline/truth.rs      ground truth joined to predictions: accuracy, precision, recall
+//!   pipeline/truth_s3.rs   ground truth read from S3 as it is written (Model Monitor layout)
 //!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
 //!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
@@ -98,6 +99,7 @@ mod layout_tests {
         ("pipeline::capture", 19),
         ("pipeline::monitor", 20),
         ("pipeline::truth", 20),
+        ("pipeline::truth_s3", 21),
         ("pipeline::digest", 21),
         ("pipeline::alerts", 22),
         ("pipeline", 30),

@@ -80,6 +80,11 @@ struct ReportArgs {
     /// A baseline (`inferstream baseline`): adds the drift-over-time chart.
     #[arg(long, value_name = "FILE")]
     baseline: Option<PathBuf>,
+    /// Ground truth (Model Monitor ground-truth JSON Lines, or {"id",
+    /// "label"} lines), s3://bucket/prefix or a local directory: adds the
+    /// accuracy-over-time chart and the threshold curve.
+    #[arg(long, value_name = "S3_URL_OR_DIR")]
+    ground_truth: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -167,7 +172,13 @@ fn main() -> ExitCode {
         }
         Command::Report(args) => app::block_on(
             0,
-            report::command(config, &args.from, &args.out, args.baseline.as_deref()),
+            report::command(
+                config,
+                &args.from,
+                &args.out,
+                args.baseline.as_deref(),
+                args.ground_truth.as_deref(),
+            ),
         ),
         Command::Baseline(args) => app::block_on(
             0,

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub precision: prometheus::GaugeVec,
     pub recall: prometheus::GaugeVec,
     pub ground_truth_waiting: IntGauge,
+    pub ground_truth_objects: IntCounterVec,
 }
 
 /// The `outcome` label values of `inferstream_ground_truth_labels_total`.
@@ -197,6 +198,7 @@ impl Metrics {
             precision: reg!(prometheus::GaugeVec::new(Opts::new("inferstream_precision", "Per predicted label: share right, since start"), &["label"])?),
             recall: reg!(prometheus::GaugeVec::new(Opts::new("inferstream_recall", "Per true label: share found, since start"), &["label"])?),
             ground_truth_waiting: reg!(IntGauge::new("inferstream_ground_truth_waiting", "Predictions made here waiting for their true label (within monitor.ground_truth_window)")?),
+            ground_truth_objects: reg!(counter_vec("inferstream_ground_truth_objects_total", "Ground-truth objects from monitor.ground_truth_s3, by outcome (read; failed: resumed at the next listing; list_failed: a listing that stopped part-way)", &["outcome"])?),
             registry,
         };
         Ok(m)
@@ -225,6 +227,9 @@ impl Metrics {
         }
         for outcome in GROUND_TRUTH_OUTCOMES {
             self.ground_truth_labels.with_label_values(&[outcome]);
+        }
+        for outcome in ["read", "failed", "list_failed"] {
+            self.ground_truth_objects.with_label_values(&[outcome]);
         }
         for decision in known.decisions {
             self.judged.with_label_values(&[decision]);

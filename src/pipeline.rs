@@ -26,6 +26,7 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod truth;
+pub mod truth_s3;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -124,6 +125,8 @@ struct Parts {
     capture: Option<(Capturer, tokio::task::JoinHandle<()>)>,
     drift: Option<Arc<Drift>>,
     truth: Option<Arc<GroundTruth>>,
+    /// For ground truth from S3.
+    s3: aws_sdk_s3::Client,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     http: tokio::task::JoinHandle<()>,
@@ -203,7 +206,9 @@ pub async fn start_with(
             metrics.clone(),
         ))
     };
-    let truth = (!config.monitor.ground_truth_topic.is_empty()).then(|| {
+    let truth = (!config.monitor.ground_truth_topic.is_empty()
+        || !config.monitor.ground_truth_s3.is_empty())
+    .then(|| {
         GroundTruth::new(
             config.monitor.ground_truth_window,
             &config.endpoint.labels,
@@ -297,6 +302,7 @@ pub async fn start_with(
         capture,
         drift,
         truth,
+        s3: crate::clients::aws::s3_client(&sdk, &config),
         tracker,
         metrics: metrics.clone(),
         http,
@@ -329,19 +335,35 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         capture,
         drift,
         truth,
+        s3,
         tracker,
         metrics,
         http,
         http_stop,
     } = parts;
     // True labels joined to this instance's predictions, until the end.
-    let truth_task = truth.clone().map(|t| {
-        tokio::spawn(t.run(
-            config.kafka.clone(),
-            config.kafka.group_id.clone(),
-            config.monitor.ground_truth_topic.clone(),
-        ))
-    });
+    let truth_task = truth
+        .clone()
+        .filter(|_| !config.monitor.ground_truth_topic.is_empty())
+        .map(|t| {
+            tokio::spawn(t.run(
+                config.kafka.clone(),
+                config.kafka.group_id.clone(),
+                config.monitor.ground_truth_topic.clone(),
+            ))
+        });
+    let truth_s3_task = truth
+        .clone()
+        .filter(|_| !config.monitor.ground_truth_s3.is_empty())
+        .map(|t| {
+            tokio::spawn(truth_s3::run(
+                t,
+                s3.clone(),
+                config.monitor.ground_truth_s3.clone(),
+                config.monitor.ground_truth_poll,
+                config.fetch.timeout,
+            ))
+        });
     // Drift gauges, a slice of monitor.window at a time, until the end.
     let drift_task = drift
         .clone()
@@ -583,7 +605,10 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         http.abort();
     }
     stop_watch.abort();
-    for t in [drift_task, truth_task].into_iter().flatten() {
+    for t in [drift_task, truth_task, truth_s3_task]
+        .into_iter()
+        .flatten()
+    {
         t.abort();
     }
     match tracker.fatal_reason() {

@@ -173,6 +173,10 @@ impl Truth {
         }
     }
 
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms as u64)
+    }
+
     /// Predictions kept for joining.
     pub fn kept(&self) -> usize {
         self.kept.len()
@@ -307,6 +311,23 @@ impl GroundTruth {
         self.metrics.ground_truth_waiting.set(t.kept() as i64);
     }
 
+    /// A ground-truth line that could not be read (too long).
+    pub fn bad_line(&self) {
+        self.metrics
+            .ground_truth_labels
+            .with_label_values(&["bad"])
+            .inc();
+    }
+
+    /// How long predictions wait for their label.
+    pub fn window(&self) -> Duration {
+        self.truth().window()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Reads every partition of `topic` from its end (labels for
     /// predictions made before this start cannot be joined here), until
     /// the task is aborted.
@@ -368,8 +389,8 @@ use crate::record::now_ms;
 
 /// `{"id", "label"}`, or Model Monitor's ground-truth line
 /// (`groundTruthData.data` the label, or its index in the model's labels;
-/// `eventMetadata.eventId` the key).
-fn parse(payload: &[u8], labels: &[String]) -> Option<(String, String)> {
+/// `eventMetadata.eventId` the key): (key, label).
+pub fn parse(payload: &[u8], labels: &[String]) -> Option<(String, String)> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     if let (Some(id), Some(label)) = (v["id"].as_str(), v["label"].as_str()) {
         return Some((id.to_string(), label.to_string()));

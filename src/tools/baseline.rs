@@ -116,6 +116,8 @@ mod tests {
             threshold: 0.93,
             accepted: confidence >= 0.93,
             id: None,
+            event_id: None,
+            actual: None,
             size: Some(3000),
             content_type: Some("image/png".into()),
         }

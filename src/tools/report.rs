@@ -7,7 +7,7 @@
 //! by decision with the threshold line, a histogram of confidences, and
 //! accepted vs review counts per label.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::SystemTime;
@@ -39,6 +39,10 @@ pub struct Point {
     pub accepted: bool,
     /// The prediction id, when captured with the prediction.
     pub id: Option<String>,
+    /// Model Monitor's `eventId`, which ground truth names.
+    pub event_id: Option<String>,
+    /// The true label, once ground truth is joined ([`join_truth`]).
+    pub actual: Option<String>,
     /// The image's size in bytes and type, when known.
     pub size: Option<u64>,
     pub content_type: Option<String>,
@@ -194,8 +198,10 @@ fn from_prediction(v: &serde_json::Value, input_type: Option<&str>) -> Option<Po
         confidence: p.confidence,
         threshold: p.threshold,
         accepted: p.decision == "accepted",
+        event_id: p.id.as_deref().map(crate::record::event_id),
         id: p.id,
         size: p.size,
+        actual: None,
     })
 }
 
@@ -253,6 +259,8 @@ fn parse_line(line: &[u8], how: &Interpretation) -> Option<Point> {
         id: v["eventMetadata"]["inferenceId"]
             .as_str()
             .map(str::to_string),
+        event_id: v["eventMetadata"]["eventId"].as_str().map(str::to_string),
+        actual: None,
         size,
         content_type: input_type
             .filter(|t| t.starts_with("image/"))
@@ -260,9 +268,15 @@ fn parse_line(line: &[u8], how: &Interpretation) -> Option<Point> {
     })
 }
 
-/// Reads every `*.jsonl` file under `dir`, recursively.
-pub fn load_dir(dir: &Path, how: &Interpretation) -> anyhow::Result<Loaded> {
-    let mut loaded = Loaded::default();
+/// Calls `each` with every `*.jsonl` file under `dir`, recursively, in
+/// path order (or with `dir` itself, if it is a file).
+fn each_file(dir: &Path, mut each: impl FnMut(&[u8])) -> anyhow::Result<()> {
+    if dir.is_file() {
+        let bytes = std::fs::read(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        each(&bytes);
+        return Ok(());
+    }
+    let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let entries = std::fs::read_dir(&d)
@@ -272,23 +286,33 @@ pub fn load_dir(dir: &Path, how: &Interpretation) -> anyhow::Result<Loaded> {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "jsonl") {
-                let bytes = std::fs::read(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                loaded.add_object(&bytes, how);
+                files.push(path);
             }
         }
     }
+    files.sort();
+    for path in files {
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        each(&bytes);
+    }
+    Ok(())
+}
+
+/// Reads every `*.jsonl` file under `dir`, recursively.
+pub fn load_dir(dir: &Path, how: &Interpretation) -> anyhow::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    each_file(dir, |bytes| loaded.add_object(bytes, how))?;
     Ok(loaded)
 }
 
-/// Reads every `*.jsonl` object under `s3://bucket/prefix`.
-pub async fn load_s3(
+/// Calls `each` with every `*.jsonl` object under `s3://bucket/prefix`.
+async fn each_s3_object(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     prefix: &str,
-    how: &Interpretation,
-) -> anyhow::Result<Loaded> {
-    let mut loaded = Loaded::default();
+    mut each: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
     let list_prefix = if prefix.is_empty() {
         String::new()
     } else {
@@ -329,10 +353,46 @@ pub async fn load_s3(
                 .await
                 .with_context(|| format!("reading s3://{bucket}/{key}"))?
                 .into_bytes();
-            loaded.add_object(&bytes, how);
+            each(&bytes);
         }
     }
+    Ok(())
+}
+
+/// Reads every `*.jsonl` object under `s3://bucket/prefix`.
+pub async fn load_s3(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    how: &Interpretation,
+) -> anyhow::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    each_s3_object(client, bucket, prefix, |bytes| {
+        loaded.add_object(bytes, how)
+    })
+    .await?;
     Ok(loaded)
+}
+
+/// Calls `each` with every `*.jsonl` object at `from`: `s3://bucket/prefix`
+/// (with the S3 settings of `cfg`) or a local directory. `what` names the
+/// option in errors.
+async fn each_object(
+    cfg: &crate::config::Config,
+    from: &str,
+    what: &str,
+    each: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
+    if from.starts_with("s3://") {
+        let Some((bucket, prefix)) = crate::config::parse_s3_url(from) else {
+            bail!("{what} `{from}` is not s3://bucket/prefix");
+        };
+        let sdk = crate::clients::aws::sdk_config(cfg).await;
+        let client = crate::clients::aws::s3_client(&sdk, cfg);
+        each_s3_object(&client, &bucket, &prefix, each).await
+    } else {
+        each_file(Path::new(from), each)
+    }
 }
 
 /// Reads the capture at `from`: `s3://bucket/prefix` (with the S3 settings
@@ -340,16 +400,109 @@ pub async fn load_s3(
 /// `cfg`'s labels and thresholds.
 pub async fn load_capture(cfg: &crate::config::Config, from: &str) -> anyhow::Result<Loaded> {
     let how = Interpretation::from_config(cfg);
-    if from.starts_with("s3://") {
-        let Some((bucket, prefix)) = crate::config::parse_s3_url(from) else {
-            bail!("--from `{from}` is not s3://bucket/prefix");
+    let mut loaded = Loaded::default();
+    each_object(cfg, from, "--from", |bytes| loaded.add_object(bytes, &how)).await?;
+    Ok(loaded)
+}
+
+/// True labels read: by prediction id or event id, and how many lines
+/// were not ground truth.
+#[derive(Debug, Default)]
+pub struct GroundTruthRead {
+    pub labels: HashMap<String, String>,
+    pub objects: usize,
+    pub bad_lines: usize,
+}
+
+/// Reads ground truth at `from` as the service reads
+/// `monitor.ground_truth_s3`: `*.jsonl` objects of Model Monitor
+/// ground-truth lines or `{"id", "label"}` lines, in key order, the first
+/// label of a key counting, lines over 64 KiB skipped.
+pub async fn load_ground_truth(
+    cfg: &crate::config::Config,
+    from: &str,
+) -> anyhow::Result<GroundTruthRead> {
+    use crate::pipeline::truth_s3::Lines;
+    let mut read = GroundTruthRead::default();
+    each_object(cfg, from, "--ground-truth", |bytes| {
+        read.objects += 1;
+        let mut lines = Lines::default();
+        let mut each = |line: Option<&[u8]>| match line
+            .and_then(|l| crate::pipeline::truth::parse(l, &cfg.endpoint.labels))
+        {
+            Some((key, label)) => {
+                read.labels.entry(key).or_insert(label);
+            }
+            None => read.bad_lines += 1,
         };
-        let sdk = crate::clients::aws::sdk_config(cfg).await;
-        let client = crate::clients::aws::s3_client(&sdk, cfg);
-        load_s3(&client, &bucket, &prefix, &how).await
-    } else {
-        load_dir(Path::new(from), &how)
+        lines.push(bytes, &mut each);
+        lines.finish(&mut each);
+    })
+    .await?;
+    if read.objects == 0 {
+        bail!(
+            "--ground-truth `{from}`: no *.jsonl objects there; give the prefix (or directory) the ground-truth objects are under"
+        );
     }
+    Ok(read)
+}
+
+/// Sets each point's true label from `truth` (by event id, else by
+/// prediction id); a prediction captured twice (redelivered) is judged
+/// once, as the service does. Returns how many were judged.
+pub fn join_truth(points: &mut [Point], truth: &HashMap<String, String>) -> usize {
+    let mut judged = 0;
+    let mut done: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for p in points.iter_mut() {
+        let key = p
+            .event_id
+            .as_ref()
+            .filter(|e| truth.contains_key(*e))
+            .or_else(|| p.id.as_ref().filter(|i| truth.contains_key(*i)));
+        p.actual = match key {
+            Some(k) if done.insert(k.clone()) => truth.get(k).cloned(),
+            _ => None,
+        };
+        judged += usize::from(p.actual.is_some());
+    }
+    judged
+}
+
+/// Share right among `points` that have a true label, and how many have.
+pub fn accuracy<'a>(points: impl IntoIterator<Item = &'a Point>) -> (f64, usize) {
+    let (mut right, mut n) = (0usize, 0usize);
+    for p in points {
+        if let Some(actual) = &p.actual {
+            n += 1;
+            right += usize::from(*actual == p.label);
+        }
+    }
+    (right as f64 / n.max(1) as f64, n)
+}
+
+/// For each threshold from `lowest` to 1 (by 0.005): the accuracy of the
+/// judged predictions it would accept, and the share of all predictions
+/// it would send to review.
+pub fn threshold_curve(points: &[Point], lowest: f64) -> Vec<(f64, Option<f64>, f64)> {
+    let lowest = if lowest.is_finite() {
+        lowest.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let points: Vec<&Point> = points.iter().filter(|p| p.confidence.is_finite()).collect();
+    let steps = ((1.0 - lowest) / 0.005).round() as usize;
+    (0..=steps)
+        .map(|i| {
+            let t = lowest + i as f64 * 0.005;
+            let (acc, n) = accuracy(points.iter().copied().filter(|p| p.confidence >= t));
+            let review = points.iter().filter(|p| p.confidence < t).count();
+            (
+                t,
+                (n > 0).then_some(acc),
+                review as f64 / points.len().max(1) as f64,
+            )
+        })
+        .collect()
 }
 
 /// Writes the three charts as PNG and SVG into `out`; returns the files.
@@ -357,39 +510,29 @@ pub fn render(points: &[Point], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     render_with(points, out, None)
 }
 
-/// Time buckets of the drift chart, and the fewest predictions a bucket
-/// needs to be drawn.
-const DRIFT_BUCKETS: usize = 30;
+/// The fewest predictions a time bucket of the drift chart needs to be
+/// drawn.
 const DRIFT_MIN_POINTS: usize = 20;
 
 /// Drift of the points against `baseline`, per time bucket: (bucket
 /// middle, its measures).
 pub fn drift_series(points: &[Point], baseline: &Tally) -> Vec<(f64, Measures)> {
-    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
-    let t1 = points
-        .iter()
-        .map(|p| p.time)
-        .fold(f64::NEG_INFINITY, f64::max);
-    if !t0.is_finite() {
-        return Vec::new();
-    }
-    let width = ((t1 - t0) / DRIFT_BUCKETS as f64).max(1e-9);
-    let mut buckets = vec![Tally::default(); DRIFT_BUCKETS];
-    let mut counts = vec![0usize; DRIFT_BUCKETS];
-    for p in points {
-        let i = (((p.time - t0) / width) as usize).min(DRIFT_BUCKETS - 1);
-        buckets[i].add(&p.observation());
-        counts[i] += 1;
-    }
-    buckets
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| counts[*i] >= DRIFT_MIN_POINTS)
-        .map(|(i, t)| (t0 + (i as f64 + 0.5) * width, measure(baseline, t)))
+    time_buckets(points)
+        .into_iter()
+        .filter(|(_, ps)| ps.len() >= DRIFT_MIN_POINTS)
+        .map(|(t, ps)| {
+            let mut tally = Tally::default();
+            for p in ps {
+                tally.add(&p.observation());
+            }
+            (t, measure(baseline, &tally))
+        })
         .collect()
 }
 
-/// As [`render`]; with a baseline, also the drift chart.
+/// As [`render`]; with a baseline, also the drift chart; with points whose
+/// true label is known ([`join_truth`]), also the accuracy chart and the
+/// threshold curve.
 pub fn render_with(
     points: &[Point],
     out: &Path,
@@ -412,6 +555,10 @@ pub fn render_with(
     ];
     if let Some(b) = baseline {
         charts.push(("drift-over-time", Chart::Drift(b)));
+    }
+    if points.iter().any(|p| p.actual.is_some()) {
+        charts.push(("accuracy-over-time", Chart::Accuracy));
+        charts.push(("threshold-curve", Chart::ThresholdCurve));
     }
     for (name, chart) in charts {
         let png = out.join(format!("{name}.png"));
@@ -444,6 +591,8 @@ enum Chart<'a> {
     Histogram,
     ByLabel,
     Drift(&'a Tally),
+    Accuracy,
+    ThresholdCurve,
 }
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
@@ -460,6 +609,8 @@ impl Chart<'_> {
             Chart::Histogram => histogram(root, points),
             Chart::ByLabel => by_label(root, points),
             Chart::Drift(b) => drift(root, points, b),
+            Chart::Accuracy => accuracy_over_time(root, points),
+            Chart::ThresholdCurve => threshold_curve_chart(root, points),
         }
     }
 }
@@ -472,17 +623,8 @@ fn drift<DB: DrawingBackend>(
     baseline: &Tally,
 ) -> DrawResult<DB> {
     let series = drift_series(points, baseline);
-    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
-    let t1 = points
-        .iter()
-        .map(|p| p.time)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let (unit, per) = match t1 - t0 {
-        s if s < 120.0 => ("seconds", 1.0),
-        s if s < 7200.0 => ("minutes", 60.0),
-        _ => ("hours", 3600.0),
-    };
-    let span = ((t1 - t0) / per).max(1e-3) * 1.02;
+    let axis = TimeAxis::of(points);
+    let span = axis.span;
     let y_max = series
         .iter()
         .map(|(_, m)| m.confidence_psi.max(m.label_psi))
@@ -497,7 +639,7 @@ fn drift<DB: DrawingBackend>(
         .build_cartesian_2d(0.0..span, 0.0..y_max)?;
     chart
         .configure_mesh()
-        .x_desc(format!("{unit} since {}", time_label(t0)))
+        .x_desc(axis.desc())
         .y_desc("population stability index")
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
@@ -513,18 +655,9 @@ fn drift<DB: DrawingBackend>(
     ] {
         let line: Vec<(f64, f64)> = series
             .iter()
-            .map(|(t, m)| ((t - t0) / per, pick(m).min(y_max)))
+            .map(|(t, m)| (axis.x(*t), pick(m).min(y_max)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))?
-            .label(format!("PSI of {name}"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart.draw_series(
-            line.into_iter()
-                .map(|xy| Circle::new(xy, 3, colour.filled())),
-        )?;
+        dotted_line(&mut chart, line, colour, format!("PSI of {name}"))?;
     }
     chart
         .draw_series(DashedLineSeries::new(
@@ -536,6 +669,28 @@ fn drift<DB: DrawingBackend>(
         .label("0.2: a shift")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
     legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}
+
+/// A line with a dot at each point, and its legend entry.
+fn dotted_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    line: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: String,
+) -> DrawResult<DB> {
+    chart
+        .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    chart.draw_series(
+        line.into_iter()
+            .map(|xy| Circle::new(xy, 3, colour.filled())),
+    )?;
+    Ok(())
 }
 
 /// The legend box, the same on every chart.
@@ -573,21 +728,185 @@ fn time_label(secs: f64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// The time axis of the charts over time: seconds, minutes or hours since
+/// the first point.
+struct TimeAxis {
+    t0: f64,
+    unit: &'static str,
+    per: f64,
+    /// The axis length in units.
+    span: f64,
+}
+
+impl TimeAxis {
+    fn of(points: &[Point]) -> TimeAxis {
+        let (t0, t1) = time_range(points);
+        let (unit, per) = match t1 - t0 {
+            s if s < 120.0 => ("seconds", 1.0),
+            s if s < 7200.0 => ("minutes", 60.0),
+            _ => ("hours", 3600.0),
+        };
+        TimeAxis {
+            t0,
+            unit,
+            per,
+            span: ((t1 - t0) / per).max(1e-3) * 1.02,
+        }
+    }
+
+    fn x(&self, time: f64) -> f64 {
+        (time - self.t0) / self.per
+    }
+
+    fn desc(&self) -> String {
+        format!("{} since {}", self.unit, time_label(self.t0))
+    }
+}
+
+/// The first and last time of `points` (infinite when there are none).
+fn time_range(points: &[Point]) -> (f64, f64) {
+    points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.time), hi.max(p.time))
+        })
+}
+
+/// `points` in `BUCKETS` equal slices of their time range: (slice middle,
+/// the points in it).
+fn time_buckets(points: &[Point]) -> Vec<(f64, Vec<&Point>)> {
+    const BUCKETS: usize = 30;
+    let (t0, t1) = time_range(points);
+    if !t0.is_finite() {
+        return Vec::new();
+    }
+    let width = ((t1 - t0) / BUCKETS as f64).max(1e-9);
+    let mut buckets: Vec<(f64, Vec<&Point>)> = (0..BUCKETS)
+        .map(|i| (t0 + (i as f64 + 0.5) * width, Vec::new()))
+        .collect();
+    for p in points {
+        let i = (((p.time - t0) / width) as usize).min(BUCKETS - 1);
+        buckets[i].1.push(p);
+    }
+    buckets
+}
+
+/// Judged predictions a time bucket needs for its accuracy to be drawn.
+const ACCURACY_MIN_POINTS: usize = 5;
+
+/// Accuracy per time bucket: of all judged predictions, of the accepted
+/// ones and of those sent to review.
+fn accuracy_over_time<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[Point],
+) -> DrawResult<DB> {
+    let axis = TimeAxis::of(points);
+    let buckets = time_buckets(points);
+    let mut chart = ChartBuilder::on(root)
+        .caption("Accuracy over time (ground truth)", (FONT, 28))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..axis.span, 0.0..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc(axis.desc())
+        .y_desc("share of judged predictions right")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    type Pick = fn(&Point) -> bool;
+    let all: [(&str, RGBColor, Pick); 3] = [
+        ("all", THRESHOLD, |_| true),
+        ("accepted", ACCEPTED, |p| p.accepted),
+        ("review", REVIEW, |p| !p.accepted),
+    ];
+    for (name, colour, pick) in all {
+        let (total, n) = accuracy(points.iter().filter(|p| pick(p)));
+        if n == 0 {
+            continue;
+        }
+        let line: Vec<(f64, f64)> = buckets
+            .iter()
+            .filter_map(|(t, ps)| {
+                let (acc, n) = accuracy(ps.iter().copied().filter(|p| pick(p)));
+                (n >= ACCURACY_MIN_POINTS).then_some((axis.x(*t), acc))
+            })
+            .collect();
+        dotted_line(
+            &mut chart,
+            line,
+            colour,
+            format!("{name}: {total:.3} of {n}"),
+        )?;
+    }
+    legend(&mut chart, SeriesLabelPosition::LowerLeft)
+}
+
+/// Accuracy of what a threshold would accept and the share it would send
+/// to review, for every threshold, with the one in use marked.
+fn threshold_curve_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[Point],
+) -> DrawResult<DB> {
+    let lowest = points
+        .iter()
+        .map(|p| p.confidence)
+        .filter(|c| c.is_finite())
+        .fold(1.0, f64::min)
+        .clamp(0.0, 0.9);
+    let lowest = (lowest * 10.0).floor() / 10.0;
+    let curve = threshold_curve(points, lowest);
+    let current = main_threshold(points);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Threshold: accuracy accepted and share to review",
+            (FONT, 28),
+        )
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(lowest..1.0, 0.0..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("confidence threshold")
+        .y_desc("share")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let accepted: Vec<(f64, f64)> = curve
+        .iter()
+        .filter_map(|(t, acc, _)| acc.map(|a| (*t, a)))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(accepted, ACCEPTED.stroke_width(2)))?
+        .label("accuracy of the predictions accepted")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], ACCEPTED.stroke_width(2)));
+    let review: Vec<(f64, f64)> = curve.iter().map(|(t, _, r)| (*t, *r)).collect();
+    chart
+        .draw_series(LineSeries::new(review, REVIEW.stroke_width(2)))?
+        .label("share sent to review")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], REVIEW.stroke_width(2)));
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(current, 0.0), (current, 1.05)],
+            8,
+            5,
+            THRESHOLD.stroke_width(2),
+        ))?
+        .label(format!("threshold in use {current:.3}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    legend(&mut chart, SeriesLabelPosition::MiddleLeft)
+}
+
 fn over_time<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     points: &[Point],
 ) -> DrawResult<DB> {
-    let t0 = points.iter().map(|p| p.time).fold(f64::INFINITY, f64::min);
-    let t1 = points
-        .iter()
-        .map(|p| p.time)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let (unit, per) = match t1 - t0 {
-        s if s < 120.0 => ("seconds", 1.0),
-        s if s < 7200.0 => ("minutes", 60.0),
-        _ => ("hours", 3600.0),
-    };
-    let span = ((t1 - t0) / per).max(1e-3) * 1.02;
+    let axis = TimeAxis::of(points);
+    let span = axis.span;
     let threshold = main_threshold(points);
     let y_min = points
         .iter()
@@ -603,7 +922,7 @@ fn over_time<DB: DrawingBackend>(
         .build_cartesian_2d(0.0..span, y_min..1.0)?;
     chart
         .configure_mesh()
-        .x_desc(format!("{unit} since {}", time_label(t0)))
+        .x_desc(axis.desc())
         .y_desc("confidence of the top label")
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
@@ -613,7 +932,7 @@ fn over_time<DB: DrawingBackend>(
         let series: Vec<(f64, f64)> = points
             .iter()
             .filter(|p| p.accepted == accepted)
-            .map(|p| ((p.time - t0) / per, p.confidence))
+            .map(|p| (axis.x(p.time), p.confidence))
             .collect();
         let n = series.len();
         chart
@@ -803,6 +1122,7 @@ pub async fn command(
     from: &str,
     out: &Path,
     baseline: Option<&Path>,
+    ground_truth: Option<&str>,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
     crate::app::init_logging(crate::config::LogFormat::Text, "warn");
@@ -824,7 +1144,7 @@ pub async fn command(
             return ExitCode::from(2);
         }
     };
-    let loaded = match load_capture(&cfg, from).await {
+    let mut loaded = match load_capture(&cfg, from).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -845,6 +1165,44 @@ pub async fn command(
             String::new()
         }
     );
+    if let Some(gt) = ground_truth {
+        let truth = match load_ground_truth(&cfg, gt).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let judged = join_truth(&mut loaded.points, &truth.labels);
+        let share = |(acc, n): (f64, usize)| {
+            if n == 0 {
+                "none judged".to_string()
+            } else {
+                format!("{acc:.3} of {n}")
+            }
+        };
+        let (all, _) = accuracy(&loaded.points);
+        let accepted = share(accuracy(loaded.points.iter().filter(|p| p.accepted)));
+        let review = share(accuracy(loaded.points.iter().filter(|p| !p.accepted)));
+        println!(
+            "read true labels of {} predictions from {} objects in {gt}{}; {judged} of {} predictions judged: \
+             accuracy {all:.3} (accepted {accepted}, review {review})",
+            truth.labels.len(),
+            truth.objects,
+            if truth.bad_lines > 0 {
+                format!(" ({} lines were not ground truth and were skipped)", truth.bad_lines)
+            } else {
+                String::new()
+            },
+            loaded.points.len(),
+        );
+        if judged == 0 {
+            eprintln!(
+                "warning: no true label matched a captured prediction (by eventId or prediction id); \
+                 no accuracy charts"
+            );
+        }
+    }
     match render_with(&loaded.points, out, baseline.as_ref().map(|b| &b.tally)) {
         Ok(files) => {
             for f in files {
@@ -936,6 +1294,8 @@ mod tests {
             threshold: 0.93,
             accepted: confidence >= 0.93,
             id: None,
+            event_id: None,
+            actual: None,
             size: None,
             content_type: None,
         };
@@ -958,13 +1318,133 @@ mod tests {
             })
             .collect();
         let series = drift_series(&points, &baseline);
-        assert_eq!(series.len(), DRIFT_BUCKETS);
+        assert_eq!(series.len(), 30);
         assert!(series[..15].iter().all(|(_, m)| m.confidence_psi < 0.1));
         assert!(series[15..].iter().all(|(_, m)| m.confidence_psi > 0.2));
         let dir = tempfile::tempdir().unwrap();
         let files = render_with(&points, dir.path(), Some(&baseline)).unwrap();
         assert_eq!(files.len(), 8);
         assert!(dir.path().join("drift-over-time.svg").is_file());
+    }
+
+    #[test]
+    fn ground_truth_is_joined_by_event_id_or_prediction_id() {
+        let l = {
+            let mut l = Loaded::default();
+            l.add_object(
+                br#"{"prediction": {"id": "uploads/a@1", "processed_at": "2026-12-01T10:00:00Z", "label": "bicycle", "confidence": 0.99, "threshold": 0.93, "decision": "accepted"}}
+{"prediction": {"id": "uploads/b@1", "processed_at": "2026-12-01T10:00:01Z", "label": "bicycle", "confidence": 0.6, "threshold": 0.93, "decision": "review"}}
+{"prediction": {"id": "uploads/c@1", "processed_at": "2026-12-01T10:00:02Z", "label": "motorcycle", "confidence": 0.95, "threshold": 0.93, "decision": "accepted"}}
+{"prediction": {"id": "uploads/a@1", "processed_at": "2026-12-01T10:00:03Z", "label": "bicycle", "confidence": 0.99, "threshold": 0.93, "decision": "accepted"}}
+"#,
+                &how(),
+            );
+            l
+        };
+        let mut points = l.points;
+        let truth: HashMap<String, String> = [
+            // By the capture's eventId, as Model Monitor's ground truth names it.
+            (
+                crate::record::event_id("uploads/a@1"),
+                "bicycle".to_string(),
+            ),
+            ("uploads/b@1".to_string(), "motorcycle".to_string()),
+        ]
+        .into();
+        assert_eq!(join_truth(&mut points, &truth), 2);
+        assert_eq!(points[0].actual.as_deref(), Some("bicycle"));
+        assert_eq!(points[1].actual.as_deref(), Some("motorcycle"));
+        assert_eq!(points[2].actual, None);
+        // Captured twice (redelivered): judged once.
+        assert_eq!(points[3].actual, None);
+        assert_eq!(accuracy(&points), (0.5, 2));
+        assert_eq!(accuracy(points.iter().filter(|p| p.accepted)), (1.0, 1));
+    }
+
+    #[tokio::test]
+    async fn ground_truth_files_are_read_in_order_the_first_label_counting() {
+        let cfg = crate::config::Config::from_toml_str("[alerts]\nenabled = false\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_ground_truth(&cfg, dir.path().to_str().unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no *.jsonl objects"), "{err}");
+        std::fs::create_dir(dir.path().join("2026")).unwrap();
+        std::fs::write(
+            dir.path().join("2026/b.jsonl"),
+            "{\"id\": \"x\", \"label\": \"motorcycle\"}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("2026/a.jsonl"),
+            format!(
+                "{{\"id\": \"x\", \"label\": \"bicycle\"}}\nnot ground truth\n{}\n",
+                "y".repeat(70_000)
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("2026/c.json.gz"), "ignored").unwrap();
+        let read = load_ground_truth(&cfg, dir.path().to_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(read.objects, 2);
+        assert_eq!(read.bad_lines, 2);
+        assert_eq!(read.labels["x"], "bicycle");
+        // A single file is read too.
+        let one = dir.path().join("2026/b.jsonl");
+        let read = load_ground_truth(&cfg, one.to_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(read.labels["x"], "motorcycle");
+    }
+
+    #[test]
+    fn the_threshold_curve_trades_accuracy_for_review() {
+        // Wrong answers are the unsure ones: below 0.8 half are wrong.
+        let points: Vec<Point> = (0..100)
+            .map(|i| {
+                let confidence = 0.5 + f64::from(i) / 200.0;
+                Point {
+                    time: 1_800_000_000.0 + f64::from(i),
+                    label: "bicycle".into(),
+                    confidence,
+                    threshold: 0.93,
+                    accepted: confidence >= 0.93,
+                    id: None,
+                    event_id: None,
+                    actual: Some(
+                        if confidence < 0.8 && i % 2 == 0 {
+                            "motorcycle"
+                        } else {
+                            "bicycle"
+                        }
+                        .into(),
+                    ),
+                    size: None,
+                    content_type: None,
+                }
+            })
+            .collect();
+        let curve = threshold_curve(&points, 0.5);
+        assert_eq!(curve.len(), 101);
+        let at = |t: f64| {
+            curve
+                .iter()
+                .find(|(x, _, _)| (x - t).abs() < 1e-9)
+                .copied()
+                .unwrap()
+        };
+        let (_, acc, review) = at(0.5);
+        assert_eq!((acc, review), (Some(0.7), 0.0));
+        let (_, acc, review) = at(0.8);
+        assert_eq!(acc, Some(1.0));
+        assert!((review - 0.6).abs() < 1e-9, "{review}");
+        let dir = tempfile::tempdir().unwrap();
+        let files = render(&points, dir.path()).unwrap();
+        assert_eq!(files.len(), 10);
+        assert!(dir.path().join("threshold-curve.svg").is_file());
+        assert!(dir.path().join("accuracy-over-time.png").is_file());
     }
 
     #[test]
@@ -978,6 +1458,8 @@ mod tests {
                 threshold: 0.93,
                 accepted: 0.5 + f64::from(i) / 100.0 >= 0.93,
                 id: None,
+                event_id: None,
+                actual: None,
                 size: None,
                 content_type: None,
             })

@@ -159,6 +159,31 @@ impl Drop for Stack {
     }
 }
 
+/// An S3 client for moto (path-style addressing).
+pub fn s3_client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// Asserts that `dir` holds each chart of `names` as PNG and SVG.
+pub fn assert_charts(dir: &std::path::Path, names: &[&str]) {
+    for name in names {
+        for ext in ["png", "svg"] {
+            let f = dir.join(format!("{name}.{ext}"));
+            assert!(
+                std::fs::metadata(&f)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false),
+                "{} is missing or nearly empty",
+                f.display()
+            );
+        }
+    }
+}
+
 pub async fn aws_config(url: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(Region::new(REGION))
@@ -178,11 +203,7 @@ impl Stack {
         }
         let moto = Moto::start().await;
         let sdk = aws_config(&moto.url).await;
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&sdk)
-                .force_path_style(true)
-                .build(),
-        );
+        let s3 = s3_client(&sdk);
         let sns = aws_sdk_sns::Client::new(&sdk);
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         for b in ["uploads", "elsewhere", "capture"] {
@@ -389,6 +410,25 @@ impl Stack {
             }
         }
         out
+    }
+
+    /// Runs `inferstream ARGS` (a tool: report, baseline) with this
+    /// stack's configuration; asserts it succeeded and returns its stdout.
+    pub fn tool(&self, args: &[&str]) -> String {
+        let out = Command::new(binary())
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .envs(self.service_env(free_port()))
+            .output()
+            .unwrap_or_else(|e| panic!("run inferstream {args:?}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "inferstream {args:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
     }
 
     pub fn collector(&self) -> Collector {

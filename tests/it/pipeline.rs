@@ -314,38 +314,25 @@ async fn happy_path(mode: &str, n: usize) {
 
     // `inferstream report` draws the charts from that capture.
     let charts = tempfile::tempdir().unwrap();
-    let report = std::process::Command::new(env!("CARGO_BIN_EXE_inferstream"))
-        .args(["report", "--from", &destination, "--out"])
-        .arg(charts.path())
-        .envs(stack.service_env(free_port()))
-        .output()
-        .expect("run report");
-    let stdout = String::from_utf8_lossy(&report.stdout);
-    assert!(
-        report.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&report.stderr)
-    );
+    let stdout = stack.tool(&[
+        "report",
+        "--from",
+        &destination,
+        "--out",
+        charts.path().to_str().unwrap(),
+    ]);
     assert!(
         stdout.contains(&format!("read {n} predictions")),
         "{stdout}"
     );
-    for chart in [
-        "confidence-over-time",
-        "confidence-histogram",
-        "decisions-by-label",
-    ] {
-        for ext in ["png", "svg"] {
-            let f = charts.path().join(format!("{chart}.{ext}"));
-            assert!(
-                std::fs::metadata(&f)
-                    .map(|m| m.len() > 1000)
-                    .unwrap_or(false),
-                "{}",
-                f.display()
-            );
-        }
-    }
+    assert_charts(
+        charts.path(),
+        &[
+            "confidence-over-time",
+            "confidence-histogram",
+            "decisions-by-label",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
