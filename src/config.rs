@@ -37,6 +37,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub monitor: MonitorConfig,
     pub metrics: MetricsConfig,
+    pub console: ConsoleConfig,
     pub log: LogConfig,
 }
 
@@ -404,6 +405,34 @@ pub struct MonitorConfig {
     /// How often the `ground_truth_s3` prefix is listed for new objects.
     #[serde(with = "humantime_serde")]
     pub ground_truth_poll: Duration,
+}
+
+/// A secret string: never in `Debug` output or logs.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { REDACTED })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Serve the operator console (its JSON API for now).
+    pub enabled: bool,
+    /// Its listen address; loopback unless you put it behind access control.
+    pub listen: String,
+    /// Changes (thresholds) need `Authorization: Bearer <token>`; empty:
+    /// every change is refused. Set it from the environment
+    /// (INFERSTREAM__CONSOLE__TOKEN), not in a file.
+    pub token: Secret,
+    /// Compacted Kafka topic of live settings every instance follows (the
+    /// thresholds: its latest record wins over `route`); empty: the
+    /// thresholds are the configuration's.
+    pub control_topic: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1005,6 +1034,48 @@ impl Config {
                 ),
             );
         }
+        let c = &self.console;
+        if c.enabled {
+            if c.listen.parse::<SocketAddr>().is_err() {
+                err(
+                    "console.listen",
+                    format!("`{}` is not an address like 127.0.0.1:9899", c.listen),
+                );
+            } else if c.listen == self.metrics.listen {
+                err(
+                    "console.listen",
+                    format!(
+                        "is metrics.listen `{}`; give the console its own port",
+                        c.listen
+                    ),
+                );
+            }
+            if c.control_topic.is_empty() {
+                err(
+                    "console.control_topic",
+                    "is empty; the console writes threshold changes there (a compacted topic all instances read)".into(),
+                );
+            }
+        }
+        if !c.control_topic.is_empty() {
+            for (key, topic) in [
+                ("kafka.input_topic", &self.kafka.input_topic),
+                ("kafka.results_topic", &self.kafka.results_topic),
+                ("kafka.review_topic", &self.kafka.review_topic),
+                ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+                (
+                    "monitor.ground_truth_topic",
+                    &self.monitor.ground_truth_topic,
+                ),
+            ] {
+                if *topic == c.control_topic {
+                    err(
+                        "console.control_topic",
+                        format!("is {key} `{topic}`; live settings need a topic of their own"),
+                    );
+                }
+            }
+        }
         if self.metrics.listen.parse::<SocketAddr>().is_err() {
             err(
                 "metrics.listen",
@@ -1062,6 +1133,9 @@ impl Config {
                     *value = REDACTED.to_string();
                 }
             }
+        }
+        if !copy.console.token.0.is_empty() {
+            copy.console.token = Secret(REDACTED.to_string());
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -1199,7 +1273,10 @@ fn apply_env(
         if path.len() == 3 && path[0] == "kafka" && path[1].ends_with("properties") {
             path[2] = path[2].replace('_', ".");
         }
-        let parsed = parse_env_value(&raw, path.len() == 3 && path[1].ends_with("properties"));
+        // Properties and the console token are strings whatever they look like.
+        let always_string =
+            (path.len() == 3 && path[1].ends_with("properties")) || path == ["console", "token"];
+        let parsed = parse_env_value(&raw, always_string);
         let mut cursor = &mut *value;
         for (i, segment) in path.iter().enumerate() {
             let table = cursor.as_table_mut().ok_or_else(|| {

@@ -43,8 +43,10 @@
 //!   pipeline/monitor.rs    model monitoring: baseline, drift (PSI) over a sliding window
 //!   pipeline/truth.rs      ground truth joined to predictions: accuracy, precision, recall
 //!   pipeline/truth_s3.rs   ground truth read from S3 as it is written (Model Monitor layout)
+//!   pipeline/control.rs    live thresholds every instance follows, from the control topic
 //!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
 //!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
+//! console.rs             the operator console: thresholds in force, changed for every instance
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
 //! tools.rs               tools a user runs beside the service:
 //!   tools/endpoint.rs      `inferstream endpoint`, a SageMaker-compatible test model
@@ -59,6 +61,7 @@
 pub mod app;
 pub mod clients;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
@@ -100,6 +103,8 @@ mod layout_tests {
         ("pipeline::monitor", 20),
         ("pipeline::truth", 20),
         ("pipeline::truth_s3", 21),
+        ("pipeline::control", 16),
+        ("console", 25),
         ("pipeline::digest", 21),
         ("pipeline::alerts", 22),
         ("pipeline", 30),

@@ -17,6 +17,7 @@ pub mod alerts;
 pub mod batch;
 pub mod breaker;
 pub mod capture;
+pub mod control;
 pub mod decode;
 pub mod digest;
 pub mod fetch;
@@ -50,6 +51,7 @@ use crate::metrics::{KnownLabels, Metrics};
 use crate::pipeline::ack::{Ack, Tracker};
 use crate::pipeline::alerts::{Alerts, Links, Publisher};
 use crate::pipeline::capture::Capturer;
+use crate::pipeline::control::Live;
 use crate::pipeline::decode::{decode_limited, ImageRef, Outcome};
 use crate::pipeline::fetch::{FetchError, Fetched, Fetcher};
 use crate::pipeline::infer::{InferError, Inference, Inferrer, Input};
@@ -127,6 +129,10 @@ struct Parts {
     truth: Option<Arc<GroundTruth>>,
     /// For ground truth from S3.
     s3: aws_sdk_s3::Client,
+    /// The thresholds in force, the control topic's reader and the console.
+    live: Arc<Live>,
+    control_task: Option<tokio::task::JoinHandle<()>>,
+    console: Option<tokio::task::JoinHandle<()>>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     http: tokio::task::JoinHandle<()>,
@@ -254,6 +260,57 @@ pub async fn start_with(
     committer
         .start(&consumer)
         .context("starting the offset commit thread")?;
+    // Live thresholds: the control topic read to its end before consuming,
+    // so that the first images are routed by its latest thresholds.
+    let live = Live::new(&config);
+    let control_task = if config.console.control_topic.is_empty() {
+        None
+    } else {
+        let topic = config.console.control_topic.clone();
+        let reader = tokio::task::spawn_blocking({
+            let (kafka, topic) = (config.kafka.clone(), topic.clone());
+            move || crate::pipeline::control::connect(&kafka, &topic)
+        })
+        .await
+        .context("connecting to console.control_topic")?
+        .map_err(|e| anyhow::anyhow!("console.control_topic: {e}"))?;
+        let caught_up = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(live.clone().run(
+            config.kafka.clone(),
+            topic.clone(),
+            reader,
+            caught_up.clone(),
+        ));
+        tokio::select! {
+            _ = caught_up.notified() => {}
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(CONTROL_CATCH_UP) => {
+                tracing::warn!(%topic, "control topic: not read to its end within 30 s; routing by the configuration's thresholds until it is");
+            }
+        }
+        let t = live.get();
+        tracing::info!(threshold = t.threshold, label_thresholds = ?t.label_thresholds, by = %t.by, "thresholds in force");
+        Some(task)
+    };
+    let console = if config.console.enabled {
+        let listener = tokio::net::TcpListener::bind(&config.console.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on console.listen {}", config.console.listen)
+            })?;
+        if config.console.token.0.is_empty() {
+            tracing::warn!("console.token is empty: the console refuses every change");
+        }
+        tracing::info!(console = %listener.local_addr()?, "console on");
+        let producer = crate::pipeline::control::control_producer(&config.kafka)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Some(tokio::spawn({
+            let (live, config, stop) = (live.clone(), config.clone(), shutdown.clone());
+            async move { crate::console::serve(listener, live, producer, &config, stop).await }
+        }))
+    } else {
+        None
+    };
     consumer
         .subscribe(&[&config.kafka.input_topic])
         .with_context(|| {
@@ -303,6 +360,9 @@ pub async fn start_with(
         drift,
         truth,
         s3: crate::clients::aws::s3_client(&sdk, &config),
+        live,
+        control_task,
+        console,
         tracker,
         metrics: metrics.clone(),
         http,
@@ -315,6 +375,9 @@ pub async fn start_with(
         task,
     })
 }
+
+/// How long the start waits for the control topic to be read to its end.
+const CONTROL_CATCH_UP: Duration = Duration::from_secs(30);
 
 /// Time left until `deadline`.
 fn left(deadline: Instant) -> Duration {
@@ -336,6 +399,9 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         drift,
         truth,
         s3,
+        live,
+        control_task,
+        console,
         tracker,
         metrics,
         http,
@@ -415,6 +481,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         batch_rx,
         inferrer,
         config.clone(),
+        live,
         metrics.clone(),
         Watchers {
             capturer,
@@ -605,7 +672,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         http.abort();
     }
     stop_watch.abort();
-    for t in [drift_task, truth_task, truth_s3_task]
+    for t in [drift_task, truth_task, truth_s3_task, control_task, console]
         .into_iter()
         .flatten()
     {
@@ -1123,6 +1190,7 @@ async fn infer_stage(
     mut rx: mpsc::Receiver<Vec<FetchedJob>>,
     inferrer: Inferrer,
     config: Arc<Config>,
+    live: Arc<Live>,
     metrics: Arc<Metrics>,
     watchers: Watchers,
     out_tx: mpsc::Sender<(Output, Ack)>,
@@ -1144,12 +1212,14 @@ async fn infer_stage(
             biased;
             done = running.join_next(), if !running.is_empty() => match done {
                 Some(Ok((batch, results))) => {
+                    let thresholds = live.get();
+                    let making = Making { config: &config, thresholds: &thresholds, metrics: &metrics };
                     for (item, result) in batch.into_iter().zip(results) {
                         let FetchedJob { job, fetched } = item;
                         let Job { image, ack, source, payload, consumed } = job;
                         let output = match result {
                             Ok(inference) => {
-                                let p = prediction(image, source, consumed, &fetched, inference, &config, &metrics);
+                                let p = prediction(image, source, consumed, &fetched, inference, &making);
                                 if let Some(t) = &truth {
                                     t.predicted(&p);
                                 }
@@ -1205,16 +1275,28 @@ async fn infer_stage(
     }
 }
 
+/// What a prediction is made with besides its image.
+struct Making<'a> {
+    config: &'a Config,
+    thresholds: &'a crate::pipeline::control::Thresholds,
+    metrics: &'a Metrics,
+}
+
 fn prediction(
     image: ImageRef,
     source: SourceRef,
     consumed: Instant,
     fetched: &Fetched,
     inference: Inference,
-    config: &Config,
-    metrics: &Metrics,
+    with: &Making<'_>,
 ) -> Prediction {
-    let routed = crate::pipeline::route::route(&inference.scores, config);
+    let Making {
+        config,
+        thresholds,
+        metrics,
+    } = *with;
+    let routed =
+        crate::pipeline::route::route_by(&inference.scores, &config.endpoint.labels, thresholds);
     let labels = &config.endpoint.labels;
     let label = labels.get(routed.label).cloned().unwrap_or_default();
     metrics

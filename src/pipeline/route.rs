@@ -27,15 +27,26 @@ pub fn top(scores: &[f64]) -> (usize, f64) {
         })
 }
 
+/// [`route_by`] the configuration's thresholds.
+pub fn route(scores: &[f64], config: &Config) -> Routed {
+    route_by(
+        scores,
+        &config.endpoint.labels,
+        &crate::pipeline::control::Thresholds::from_config(config),
+    )
+}
+
 /// Picks the top label (the first on a tie) and compares its confidence
 /// with that label's threshold: at or above is accepted, below is review.
-pub fn route(scores: &[f64], config: &Config) -> Routed {
+pub fn route_by(
+    scores: &[f64],
+    labels: &[String],
+    thresholds: &crate::pipeline::control::Thresholds,
+) -> Routed {
     let (label, confidence) = top(scores);
-    let threshold = config
-        .endpoint
-        .labels
+    let threshold = labels
         .get(label)
-        .map_or(config.route.threshold, |l| config.threshold_for(l));
+        .map_or(thresholds.threshold, |l| thresholds.for_label(l));
     let decision = if confidence >= threshold {
         Decision::Accepted
     } else {

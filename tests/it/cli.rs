@@ -36,12 +36,16 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
                 "hunter2-very-secret",
             ),
             ("INFERSTREAM__ROUTE__THRESHOLD", "0.8"),
+            // A token that looks like a number is still a string.
+            ("INFERSTREAM__CONSOLE__TOKEN", "31415926"),
         ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("threshold = 0.8"), "{stdout}");
     assert!(stdout.contains("sasl.password"), "{stdout}");
     assert!(!stdout.contains("hunter2"), "secret printed: {stdout}");
+    assert!(stdout.contains("token = \"<redacted>\""), "{stdout}");
+    assert!(!stdout.contains("31415926"), "token printed: {stdout}");
 }
 
 #[test]

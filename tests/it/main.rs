@@ -7,6 +7,7 @@
 mod alerts;
 mod cli;
 mod compose;
+mod console;
 mod crash;
 mod harness;
 mod hostile;

@@ -11,7 +11,7 @@ use crate::pipeline::MINUTE;
 
 /// Uploads `n` images whose top label scores `confidence(i)`, and returns
 /// their events.
-async fn upload(
+pub(crate) async fn upload(
     stack: &Stack,
     n: usize,
     prefix: &str,

@@ -1,0 +1,184 @@
+//! The operator console's thresholds: changed with the token through one
+//! instance, followed by every instance through the control topic.
+
+use std::time::{Duration, Instant};
+
+use inferstream::tools::endpoint::Faults;
+
+use crate::harness::*;
+use crate::monitor::upload;
+use crate::pipeline::MINUTE;
+
+const CONTROL: &str = "inferstream-control";
+
+async fn thresholds(service: &ServiceProc, console: &str) -> serde_json::Value {
+    let (status, body) = http_get(&format!("http://{console}/api/thresholds"))
+        .await
+        .unwrap_or_else(|e| panic!("console: {e}; log: {}", service.log_text()));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `service` logged a thresholds change to `threshold`.
+async fn applied(service: &ServiceProc, threshold: f64) -> Duration {
+    let start = Instant::now();
+    let needle = format!("threshold={threshold}");
+    while !service
+        .log_all()
+        .lines()
+        .any(|l| l.contains("thresholds changed") && l.contains(&needle))
+    {
+        assert!(
+            start.elapsed() < MINUTE,
+            "no thresholds change to {threshold}; log: {}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_topic_that_does_not_exist_stops_the_start_with_its_name() {
+    let stack = Stack::start(Faults::default()).await;
+    let out = tokio::task::spawn_blocking({
+        let env = stack.service_env(free_port());
+        move || {
+            std::process::Command::new(binary())
+                .arg("run")
+                .env_remove("RUST_LOG")
+                .envs(env)
+                .env("INFERSTREAM__CONSOLE__CONTROL_TOPIC", "no-such-topic")
+                .output()
+                .expect("run inferstream")
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("console.control_topic")
+            && stderr.contains("`no-such-topic` does not exist"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_threshold_applied_with_the_token_reaches_every_instance() {
+    let stack = Stack::start(Faults::default()).await;
+    stack
+        .kafka
+        .create_topic(CONTROL, 1, 1)
+        .expect("create topic");
+    let console = format!("127.0.0.1:{}", free_port());
+    let a = stack
+        .service(&[
+            ("CONSOLE__ENABLED", "true"),
+            ("CONSOLE__LISTEN", &console),
+            ("CONSOLE__TOKEN", "s3cret"),
+            ("CONSOLE__CONTROL_TOPIC", CONTROL),
+        ])
+        .await;
+    let b = stack.service(&[("CONSOLE__CONTROL_TOPIC", CONTROL)]).await;
+    assert!(!b.log_all().contains("console on"));
+    let before = thresholds(&a, &console).await;
+    assert_eq!(before["current"]["threshold"], 0.93);
+    assert_eq!(before["current"]["by"], "configuration");
+
+    // Images at 0.70 go to review at 0.93.
+    let first = upload(&stack, 40, "before", |_| 0.70).await;
+    stack.produce(&first).await;
+    let mut out = stack.collector();
+    out.until("the first 40", MINUTE, |r| predictions_by_id(r).len() >= 40)
+        .await;
+    assert_eq!(out.on(REVIEW).len(), 40, "{}", summary(&out.records));
+
+    // Without the token, or with a wrong one, nothing changes.
+    let url = format!("http://{console}/api/thresholds");
+    let change = r#"{"threshold": 0.5, "by": "ops on call"}"#;
+    for headers in [vec![], vec![("Authorization", "Bearer wrong")]] {
+        let (status, _) = http_request("POST", &url, &headers, change).await.unwrap();
+        assert_eq!(status, 403);
+    }
+    // Nonsense with the token is refused and changes nothing either.
+    let (status, body) = http_request(
+        "POST",
+        &url,
+        &[("Authorization", "Bearer s3cret")],
+        r#"{"threshold": 0.5, "label_thresholds": {"cat": 0.2}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, body.trim()),
+        (400, "\"cat\" is not one of endpoint.labels")
+    );
+    assert_eq!(thresholds(&a, &console).await["current"]["threshold"], 0.93);
+
+    // With the token: both instances route by 0.5.
+    let (status, body) = http_request("POST", &url, &[("Authorization", "Bearer s3cret")], change)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (in_a, in_b) = futures::join!(applied(&a, 0.5), applied(&b, 0.5));
+    eprintln!("console: threshold 0.93 -> 0.5 applied in {in_a:?} on the instance with the console, {in_b:?} on the other");
+    let now = thresholds(&a, &console).await;
+    assert_eq!(now["current"]["threshold"], 0.5);
+    assert_eq!(now["current"]["by"], "ops on call");
+    assert_eq!(now["history"].as_array().map(Vec::len), Some(1));
+
+    let second = upload(&stack, 80, "after", |_| 0.70).await;
+    stack.produce(&second).await;
+    out.until("the next 80", MINUTE, |r| predictions_by_id(r).len() >= 120)
+        .await;
+    let after: Vec<&Out> = out
+        .records
+        .iter()
+        .filter(|r| {
+            r.value["key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("after/"))
+        })
+        .collect();
+    assert_eq!(after.len(), 80);
+    assert!(
+        after
+            .iter()
+            .all(|r| r.topic == RESULTS && r.value["threshold"] == 0.5),
+        "{}",
+        summary(&out.records)
+    );
+    // Both instances classified some of them, by the new threshold.
+    for s in [&a, &b] {
+        let accepted = s
+            .metric("inferstream_predictions_total", &["decision=\"accepted\""])
+            .await;
+        assert!(accepted > 0.0, "log: {}", s.log_text());
+    }
+
+    // An instance started later reads the latest thresholds before it
+    // consumes anything.
+    let console_c = format!("127.0.0.1:{}", free_port());
+    let c = stack
+        .service(&[
+            ("CONSOLE__ENABLED", "true"),
+            ("CONSOLE__LISTEN", &console_c),
+            ("CONSOLE__CONTROL_TOPIC", CONTROL),
+        ])
+        .await;
+    assert_eq!(
+        thresholds(&c, &console_c).await["current"]["threshold"],
+        0.5
+    );
+    // It has no token: every change is refused.
+    let (status, _) = http_request(
+        "POST",
+        &format!("http://{console_c}/api/thresholds"),
+        &[("Authorization", "Bearer ")],
+        change,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
+}
