@@ -1,11 +1,15 @@
-//! The operator console (issue #14), its JSON API so far: the thresholds
-//! in force and their history, and changing them for every instance.
+//! The operator console (issue #14): a live view of this instance's
+//! predictions, the thresholds in force with what share each would send to
+//! review, and changing them for every instance.
 //!
-//! `GET /api/thresholds` is open (bind `console.listen` to loopback or put
-//! it behind access control); `POST /api/thresholds` needs
+//! `GET /` (the page), `GET /api/live`, `GET /api/curve?label=…` and
+//! `GET /api/thresholds` are open (bind `console.listen` to loopback or
+//! put it behind access control); `POST /api/thresholds` needs
 //! `Authorization: Bearer <console.token>`, compared in constant time, and
 //! writes the change to `console.control_topic`, which every instance
-//! reads. Without the token nothing changes (403).
+//! reads. Without the token nothing changes (403). A header, not a cookie,
+//! carries the token, so another site cannot make a browser send a change
+//! (no CORS is allowed).
 
 use std::sync::Arc;
 
@@ -19,34 +23,63 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::pipeline::control::{self, Live, Thresholds};
+use crate::pipeline::recent::Recent;
+
+/// The console page: plain HTML and a little JavaScript, no build step.
+const PAGE: &str = include_str!("console.html");
 
 #[derive(Clone)]
 struct Console {
     live: Arc<Live>,
     producer: FutureProducer,
+    recent: Arc<Recent>,
+    metrics: Arc<Metrics>,
     topic: String,
     token: Arc<String>,
     labels: Arc<Vec<String>>,
 }
 
+/// What the console shows and changes.
+pub struct Parts {
+    pub live: Arc<Live>,
+    /// Writes changes (see `control::control_producer`).
+    pub producer: FutureProducer,
+    pub recent: Arc<Recent>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The live view's period.
+const PERIOD_MS: i64 = 10 * 60 * 1000;
+
 /// Serves the console until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    live: Arc<Live>,
-    producer: FutureProducer,
+    parts: Parts,
     config: &crate::Config,
     stop: CancellationToken,
 ) {
+    let Parts {
+        live,
+        producer,
+        recent,
+        metrics,
+    } = parts;
     let state = Console {
         live,
         producer,
+        recent,
+        metrics,
         topic: config.console.control_topic.clone(),
         // A token read from a file often ends in a newline.
         token: Arc::new(config.console.token.0.trim().to_string()),
         labels: Arc::new(config.endpoint.labels.clone()),
     };
     let app = Router::new()
+        .route("/", get(page))
+        .route("/api/live", get(live_view))
+        .route("/api/curve", get(curve))
         .route("/api/thresholds", get(current).post(change))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
@@ -55,6 +88,88 @@ pub async fn serve(
     {
         tracing::warn!(error = %e, "console stopped");
     }
+}
+
+async fn page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+            (axum::http::header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// This instance's predictions of the last ten minutes, dead letters by
+/// reason since start, drift, and the thresholds in force.
+async fn live_view(State(c): State<Console>) -> Response {
+    let m = &c.metrics;
+    let dead: std::collections::BTreeMap<&str, u64> = crate::record::DeadLetterReason::ALL
+        .iter()
+        .map(|r| {
+            (
+                r.as_str(),
+                m.dead_letters.with_label_values(&[r.as_str()]).get(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    Json(serde_json::json!({
+        "period_seconds": PERIOD_MS / 1000,
+        "summary": c.recent.summary(crate::record::now_ms(), PERIOD_MS),
+        "dead_letters": dead,
+        "drift": {
+            "confidence_psi": m.drift_confidence_psi.get(),
+            "label_psi": m.drift_label_psi.get(),
+            "review_share": m.review_share.get(),
+            "baseline_review_share": m.baseline_review_share.get(),
+        },
+        "thresholds": *c.live.get(),
+        "labels": *c.labels,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct CurveQuery {
+    label: Option<String>,
+}
+
+/// For a label (or all), the share of the latest predictions each
+/// threshold would send to review, and the threshold in force.
+async fn curve(
+    State(c): State<Console>,
+    axum::extract::Query(q): axum::extract::Query<CurveQuery>,
+) -> Response {
+    let label = q.label.filter(|l| !l.is_empty());
+    if let Some(l) = &label {
+        if !c.labels.contains(l) {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("{l:?} is not one of endpoint.labels\n"),
+            )
+                .into_response();
+        }
+    }
+    let t = c.live.get();
+    // The default applies to the labels without a threshold of their own.
+    let (predictions, points) = match label.as_deref() {
+        Some(l) => c.recent.curve(|p| p == l),
+        None => c.recent.curve(|p| !t.label_thresholds.contains_key(p)),
+    };
+    let threshold = label.as_deref().map_or(t.threshold, |l| t.for_label(l));
+    Json(serde_json::json!({
+        "label": label,
+        "predictions": predictions,
+        "threshold": threshold,
+        "curve": points,
+    }))
+    .into_response()
 }
 
 async fn current(State(c): State<Console>) -> Response {

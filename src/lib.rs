@@ -44,9 +44,10 @@
 //!   pipeline/truth.rs      ground truth joined to predictions: accuracy, precision, recall
 //!   pipeline/truth_s3.rs   ground truth read from S3 as it is written (Model Monitor layout)
 //!   pipeline/control.rs    live thresholds every instance follows, from the control topic
+//!   pipeline/recent.rs     the latest predictions, for the console's live view and curves
 //!   pipeline/digest.rs     alert digests: windows, label groups, dedup, storm limit, the messages
 //!   pipeline/alerts.rs     the digest alerter: reads the review topic, publishes, records what it alerted
-//! console.rs             the operator console: thresholds in force, changed for every instance
+//! console.rs             the operator console: live view, thresholds and their effect, changes
 //! app.rs                 the process: logging, runtime, the `run` and `check-config` commands
 //! tools.rs               tools a user runs beside the service:
 //!   tools/endpoint.rs      `inferstream endpoint`, a SageMaker-compatible test model
@@ -104,6 +105,7 @@ mod layout_tests {
         ("pipeline::truth", 20),
         ("pipeline::truth_s3", 21),
         ("pipeline::control", 16),
+        ("pipeline::recent", 16),
         ("console", 25),
         ("pipeline::digest", 21),
         ("pipeline::alerts", 22),

@@ -23,6 +23,7 @@ pub mod digest;
 pub mod fetch;
 pub mod infer;
 pub mod monitor;
+pub mod recent;
 pub mod route;
 pub mod sink;
 pub mod source;
@@ -70,6 +71,8 @@ struct Watchers {
     capturer: Option<Capturer>,
     drift: Option<Arc<Drift>>,
     truth: Option<Arc<GroundTruth>>,
+    /// The latest predictions, for the console.
+    recent: Option<Arc<crate::pipeline::recent::Recent>>,
 }
 
 /// One image on its way.
@@ -95,6 +98,8 @@ enum Output {
 pub struct Service {
     /// Where /metrics, /healthz and /readyz are served.
     pub metrics_addr: SocketAddr,
+    /// Where the console is served, when it is on.
+    pub console_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -133,6 +138,7 @@ struct Parts {
     live: Arc<Live>,
     control_task: Option<tokio::task::JoinHandle<()>>,
     console: Option<tokio::task::JoinHandle<()>>,
+    recent: Option<Arc<crate::pipeline::recent::Recent>>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     http: tokio::task::JoinHandle<()>,
@@ -292,7 +298,14 @@ pub async fn start_with(
         tracing::info!(threshold = t.threshold, label_thresholds = ?t.label_thresholds, by = %t.by, "thresholds in force");
         Some(task)
     };
-    let console = if config.console.enabled {
+    let recent = config.console.enabled.then(|| {
+        Arc::new(crate::pipeline::recent::Recent::new(
+            CONSOLE_RECENT,
+            crate::record::now_ms(),
+        ))
+    });
+    let mut console_addr = None;
+    let console = if let Some(recent) = recent.clone() {
         let listener = tokio::net::TcpListener::bind(&config.console.listen)
             .await
             .with_context(|| {
@@ -301,12 +314,19 @@ pub async fn start_with(
         if config.console.token.0.is_empty() {
             tracing::warn!("console.token is empty: the console refuses every change");
         }
-        tracing::info!(console = %listener.local_addr()?, "console on");
+        console_addr = Some(listener.local_addr()?);
+        tracing::info!(console = ?console_addr, "console on");
         let producer = crate::pipeline::control::control_producer(&config.kafka)
             .map_err(|e| anyhow::anyhow!(e))?;
         Some(tokio::spawn({
             let (live, config, stop) = (live.clone(), config.clone(), shutdown.clone());
-            async move { crate::console::serve(listener, live, producer, &config, stop).await }
+            let parts = crate::console::Parts {
+                live,
+                producer,
+                recent,
+                metrics: metrics.clone(),
+            };
+            async move { crate::console::serve(listener, parts, &config, stop).await }
         }))
     } else {
         None
@@ -363,6 +383,7 @@ pub async fn start_with(
         live,
         control_task,
         console,
+        recent,
         tracker,
         metrics: metrics.clone(),
         http,
@@ -371,10 +392,14 @@ pub async fn start_with(
     let task = tokio::spawn(run(config, parts, shutdown));
     Ok(Service {
         metrics_addr,
+        console_addr,
         metrics,
         task,
     })
 }
+
+/// Predictions the console keeps for its live view and threshold curves.
+const CONSOLE_RECENT: usize = 100_000;
 
 /// How long the start waits for the control topic to be read to its end.
 const CONTROL_CATCH_UP: Duration = Duration::from_secs(30);
@@ -402,6 +427,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         live,
         control_task,
         console,
+        recent,
         tracker,
         metrics,
         http,
@@ -487,6 +513,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
             capturer,
             drift: drift.clone(),
             truth: truth.clone(),
+            recent,
         },
         out_tx.clone(),
     ));
@@ -1199,6 +1226,7 @@ async fn infer_stage(
         capturer,
         drift,
         truth,
+        recent,
     } = watchers;
     // One batch more than calls allowed: it builds its request while
     // waiting for a call slot, so the endpoint never waits for that. Each
@@ -1222,6 +1250,14 @@ async fn infer_stage(
                                 let p = prediction(image, source, consumed, &fetched, inference, &making);
                                 if let Some(t) = &truth {
                                     t.predicted(&p);
+                                }
+                                if let Some(r) = &recent {
+                                    r.add(crate::pipeline::recent::Seen {
+                                        at_ms: crate::record::now_ms(),
+                                        label: p.label.clone(),
+                                        confidence: p.confidence,
+                                        review: p.decision == Decision::Review,
+                                    });
                                 }
                                 if let Some(d) = &drift {
                                     d.observe(&Observation {

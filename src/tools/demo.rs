@@ -45,6 +45,16 @@ const DEMO_SECRET: &str = "inferstream-demo-secret";
 const MAX_ALERTS_SHOWN: usize = 12;
 /// The demo's digest window (the default is minutes).
 const DEMO_DIGEST_WINDOW: Duration = Duration::from_secs(2);
+/// 128 random bits from the operating system, as hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The demo's control topic, unless console.control_topic names one.
+const DEMO_CONTROL_TOPIC: &str = "inferstream-control";
 /// Lines of a digest's text shown in the terminal.
 const DIGEST_LINES_SHOWN: usize = 14;
 
@@ -129,6 +139,13 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
             .create_topic(t, PARTITIONS, 1)
             .with_context(|| format!("creating topic {t}"))?;
     }
+    // The console's live thresholds.
+    if config.console.control_topic.is_empty() {
+        config.console.control_topic = DEMO_CONTROL_TOPIC.into();
+    }
+    kafka
+        .create_topic(&config.console.control_topic, 1, 1)
+        .with_context(|| format!("creating topic {}", config.console.control_topic))?;
 
     // S3 and the endpoint.
     let s3_dir = tempfile::tempdir().context("creating a directory for the embedded S3")?;
@@ -188,6 +205,18 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     if std::net::TcpListener::bind(config.metrics_addr()).is_err() {
         config.metrics.listen = "127.0.0.1:0".into();
     }
+    config.console.enabled = true;
+    if std::net::TcpListener::bind(&config.console.listen).is_err() {
+        config.console.listen = "127.0.0.1:0".into();
+    }
+    // A token for this run only, printed below; one you set is not printed.
+    let console_token = if config.console.token.0.is_empty() {
+        let token = random_token().context("making a console token for the demo")?;
+        config.console.token = crate::config::Secret(token.clone());
+        token
+    } else {
+        "the one in console.token".into()
+    };
     config.validate()?;
 
     let s3 = crate::clients::aws::s3_client(&sdk, &config);
@@ -248,6 +277,9 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
         );
     }
     let metrics_addr = service.metrics_addr;
+    if let Some(console) = service.console_addr {
+        println!("  console while it runs: http://{console}/ (token for Apply: {console_token})");
+    }
     println!("  metrics while it runs: http://{metrics_addr}/metrics\n");
 
     let sends = uploads.iter().enumerate().map(|(i, u)| {

@@ -155,6 +155,11 @@ fn demo_classifies_every_image_and_writes_the_report() {
     );
     assert!(stdout.contains("threshold 0.9"), "{stdout}");
     assert!(stdout.contains("/metrics"), "{stdout}");
+    assert!(
+        stdout.contains("console while it runs: http://127.0.0.1:")
+            && stdout.contains("(token for Apply: "),
+        "{stdout}"
+    );
     for chart in [
         "confidence-over-time",
         "confidence-histogram",

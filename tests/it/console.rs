@@ -157,6 +157,49 @@ async fn a_threshold_applied_with_the_token_reaches_every_instance() {
         assert!(accepted > 0.0, "log: {}", s.log_text());
     }
 
+    // The live view and the curve: what this instance predicted.
+    let (status, page) = http_get(&format!("http://{console}/")).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>inferstream console</title>") && page.contains("/api/live"));
+    let (_, live) = http_get(&format!("http://{console}/api/live"))
+        .await
+        .unwrap();
+    let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+    let made_here = a.metric("inferstream_predictions_total", &[]).await;
+    let s = &live["summary"];
+    assert_eq!(s["predictions"].as_f64(), Some(made_here), "{live}");
+    assert_eq!(
+        s["accepted"].as_f64().unwrap() + s["review"].as_f64().unwrap(),
+        made_here
+    );
+    let binned: u64 = ["histogram_accepted", "histogram_review"]
+        .iter()
+        .flat_map(|h| s[h].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()))
+        .sum();
+    assert_eq!(binned as f64, made_here);
+    assert_eq!(live["thresholds"]["threshold"], 0.5);
+    // Every image scored 0.70: thresholds up to 0.70 send none to review,
+    // above it all of them.
+    let (_, curve) = http_get(&format!("http://{console}/api/curve"))
+        .await
+        .unwrap();
+    let curve: serde_json::Value = serde_json::from_str(&curve).unwrap();
+    let share = |t: f64| {
+        curve["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| (p["threshold"].as_f64().unwrap() - t).abs() < 1e-9)
+            .map(|p| p["review_share"].as_f64().unwrap())
+            .unwrap()
+    };
+    assert_eq!((share(0.7), share(0.71)), (0.0, 1.0), "{curve}");
+    assert_eq!(curve["threshold"], 0.5);
+    let (status, _) = http_get(&format!("http://{console}/api/curve?label=cat"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
     // An instance started later reads the latest thresholds before it
     // consumes anything.
     let console_c = format!("127.0.0.1:{}", free_port());
