@@ -130,6 +130,38 @@ pub async fn leave_subscription<C>(
     }
 }
 
+/// Assigns every partition of `topic` to `consumer` from `offset`, and
+/// returns how many there are; `key` names the setting in errors.
+/// Blocking (metadata): call it off the runtime.
+pub fn assign_all<X, C>(
+    consumer: &X,
+    topic: &str,
+    offset: rdkafka::Offset,
+    key: &str,
+) -> Result<usize, String>
+where
+    X: rdkafka::consumer::Consumer<C>,
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    let md = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{key} `{topic}` does not exist"))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, offset)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    Ok(partitions)
+}
+
 /// A librdkafka log line as a `tracing` event of the same level.
 pub fn log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
     use rdkafka::config::RDKafkaLogLevel;

@@ -237,35 +237,14 @@ pub fn connect(kafka: &KafkaConfig, topic: &str) -> Result<Reader, String> {
         crate::clients::kafka::state_reader_config(kafka, &format!("{}-control", kafka.group_id))
             .create()
             .map_err(|e| e.to_string())?;
-    let n = assign_from_beginning(&c, topic)?;
+    let n = crate::clients::kafka::assign_all(
+        &c,
+        topic,
+        rdkafka::Offset::Beginning,
+        "console.control_topic",
+    )
+    .map_err(|e| format!("{e} (create it with cleanup.policy=compact)"))?;
     Ok((c, n))
-}
-
-/// Assigns every partition of `topic` from its beginning; returns how many.
-fn assign_from_beginning(
-    c: &rdkafka::consumer::StreamConsumer,
-    topic: &str,
-) -> Result<usize, String> {
-    use rdkafka::consumer::Consumer;
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            format!("console.control_topic `{topic}` does not exist (create it with cleanup.policy=compact)")
-        })?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, rdkafka::Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-    }
-    c.assign(&tpl).map_err(|e| e.to_string())?;
-    Ok(partitions)
 }
 
 /// Writes `t` to the control topic with `producer` (see

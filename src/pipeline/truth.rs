@@ -332,34 +332,30 @@ impl GroundTruth {
     /// predictions made before this start cannot be joined here), until
     /// the task is aborted.
     pub async fn run(self: Arc<Self>, kafka: KafkaConfig, group: String, topic: String) {
-        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::consumer::StreamConsumer;
         use rdkafka::message::Message as _;
         loop {
-            let consumer: Result<StreamConsumer, String> =
-                crate::clients::kafka::state_reader_config(&kafka, &group)
-                    .create()
-                    .map_err(|e| e.to_string());
-            let assigned = consumer.and_then(|c| {
-                let md = c
-                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                    .map_err(|e| e.to_string())?;
-                let partitions = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map(|t| t.partitions().len())
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| {
-                        format!("monitor.ground_truth_topic `{topic}` does not exist")
-                    })?;
-                let mut tpl = rdkafka::TopicPartitionList::new();
-                for p in 0..partitions {
-                    tpl.add_partition_offset(&topic, p as i32, rdkafka::Offset::End)
-                        .map_err(|e| e.to_string())?;
+            // Off the runtime: metadata blocks, up to 10 s.
+            let connect = {
+                let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+                move || -> Result<StreamConsumer, String> {
+                    let c: StreamConsumer =
+                        crate::clients::kafka::state_reader_config(&kafka, &group)
+                            .create()
+                            .map_err(|e| e.to_string())?;
+                    crate::clients::kafka::assign_all(
+                        &c,
+                        &topic,
+                        rdkafka::Offset::End,
+                        "monitor.ground_truth_topic",
+                    )?;
+                    Ok(c)
                 }
-                c.assign(&tpl).map_err(|e| e.to_string())?;
-                Ok(c)
-            });
+            };
+            let assigned = tokio::task::spawn_blocking(connect)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
             let consumer = match assigned {
                 Ok(c) => c,
                 Err(e) => {
