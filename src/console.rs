@@ -36,9 +36,15 @@ struct Console {
     producer: FutureProducer,
     recent: Arc<Recent>,
     metrics: Arc<Metrics>,
+    s3: aws_sdk_s3::Client,
     topic: String,
+    /// Where reviewers' labels go (monitor.ground_truth_topic).
+    truth_topic: String,
     token: Arc<String>,
     labels: Arc<Vec<String>>,
+    /// Images larger than this are not shown (fetch.max_object_bytes).
+    max_image_bytes: u64,
+    timeout: std::time::Duration,
 }
 
 /// What the console shows and changes.
@@ -48,6 +54,8 @@ pub struct Parts {
     pub producer: FutureProducer,
     pub recent: Arc<Recent>,
     pub metrics: Arc<Metrics>,
+    /// Reads the images of the review queue.
+    pub s3: aws_sdk_s3::Client,
 }
 
 /// The live view's period.
@@ -65,12 +73,17 @@ pub async fn serve(
         producer,
         recent,
         metrics,
+        s3,
     } = parts;
     let state = Console {
         live,
         producer,
         recent,
         metrics,
+        s3,
+        truth_topic: config.monitor.ground_truth_topic.clone(),
+        max_image_bytes: config.fetch.max_object_bytes,
+        timeout: config.fetch.timeout,
         topic: config.console.control_topic.clone(),
         // A token read from a file often ends in a newline.
         token: Arc::new(config.console.token.0.trim().to_string()),
@@ -81,6 +94,9 @@ pub async fn serve(
         .route("/api/live", get(live_view))
         .route("/api/curve", get(curve))
         .route("/api/thresholds", get(current).post(change))
+        .route("/api/review", get(review_queue))
+        .route("/api/review/image", get(review_image))
+        .route("/api/review/label", axum::routing::post(review_label))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
@@ -170,6 +186,178 @@ async fn curve(
         "curve": points,
     }))
     .into_response()
+}
+
+/// The latest review predictions made here, newest first.
+async fn review_queue(State(c): State<Console>) -> Response {
+    Json(serde_json::json!({
+        "reviews": c.recent.reviews(),
+        "labels": *c.labels,
+        "ground_truth": !c.truth_topic.is_empty(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ImageQuery {
+    id: String,
+}
+
+/// The image of a prediction in the review queue, read from S3 by the
+/// service (no public URL); nothing else is served.
+async fn review_image(
+    State(c): State<Console>,
+    axum::extract::Query(q): axum::extract::Query<ImageQuery>,
+) -> Response {
+    let Some(item) = c.recent.review_item(&q.id) else {
+        return (StatusCode::NOT_FOUND, "not in the review queue\n").into_response();
+    };
+    let get = c.s3.get_object().bucket(&item.bucket).key(&item.key).send();
+    let out = match tokio::time::timeout(c.timeout, get).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            let detail = crate::clients::aws::describe(&e);
+            tracing::warn!(bucket = %item.bucket, key = %item.key, error = %detail, "console: cannot read a review image");
+            return (StatusCode::BAD_GATEWAY, format!("S3: {detail}\n")).into_response();
+        }
+        Err(_) => {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "S3 did not answer within fetch.timeout\n",
+            )
+                .into_response()
+        }
+    };
+    if out
+        .content_length()
+        .is_some_and(|n| n.max(0) as u64 > c.max_image_bytes)
+    {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger than fetch.max_object_bytes\n",
+        )
+            .into_response();
+    }
+    let mut body = out.body;
+    let mut bytes = Vec::new();
+    loop {
+        match tokio::time::timeout(c.timeout, body.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() as u64 > c.max_image_bytes {
+                    return (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "larger than fetch.max_object_bytes\n",
+                    )
+                        .into_response();
+                }
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return (StatusCode::BAD_GATEWAY, format!("S3: {e}\n")).into_response()
+            }
+            Err(_) => return (StatusCode::GATEWAY_TIMEOUT, "S3 stalled\n").into_response(),
+        }
+    }
+    // Only what is an image, with its own type; never sniffed as HTML.
+    let Some(kind) = crate::pipeline::fetch::sniff(&bytes) else {
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not an image\n").into_response();
+    };
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, kind.content_type()),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// A reviewer's label for a queued prediction.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    id: String,
+    label: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// Records a reviewer's label as ground truth (`monitor.ground_truth_topic`),
+/// so that accuracy and the threshold curve learn from every review.
+async fn review_label(
+    State(c): State<Console>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorised(&headers, &c.token) {
+        tracing::warn!("console: a review label without the right token was refused");
+        return (
+            StatusCode::FORBIDDEN,
+            "changes need Authorization: Bearer <console.token>\n",
+        )
+            .into_response();
+    }
+    if c.truth_topic.is_empty() {
+        return (
+            StatusCode::CONFLICT,
+            "monitor.ground_truth_topic is not set: reviewers' labels have nowhere to go\n",
+        )
+            .into_response();
+    }
+    let answer: Answer = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"id\": \"…\", \"label\": \"…\"}}: {e}\n"),
+            )
+                .into_response()
+        }
+    };
+    if !c.labels.contains(&answer.label) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{:?} is not one of endpoint.labels\n", answer.label),
+        )
+            .into_response();
+    }
+    if c.recent.review_item(&answer.id).is_none() {
+        return (StatusCode::NOT_FOUND, "not in the review queue\n").into_response();
+    }
+    let by: String = answer
+        .by
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(100)
+        .collect();
+    let record = serde_json::json!({
+        "id": answer.id,
+        "label": answer.label,
+        "by": if by.trim().is_empty() { "console".to_string() } else { by },
+        "at": crate::record::now_rfc3339(),
+    });
+    let json = record.to_string();
+    let send = c.producer.send(
+        rdkafka::producer::FutureRecord::to(&c.truth_topic)
+            .key(&answer.id)
+            .payload(&json),
+        rdkafka::util::Timeout::Never,
+    );
+    match send.await {
+        Ok(_) => {
+            c.recent.reviewed(&answer.id, &answer.label);
+            tracing::info!(id = %answer.id, label = %answer.label, "console: a reviewer's label written as ground truth");
+            (StatusCode::OK, Json(record)).into_response()
+        }
+        Err((e, _)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kafka did not confirm the label ({e}); it may still be recorded\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn current(State(c): State<Console>) -> Response {

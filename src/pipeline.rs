@@ -325,6 +325,7 @@ pub async fn start_with(
                 producer,
                 recent,
                 metrics: metrics.clone(),
+                s3: crate::clients::aws::s3_client(&sdk, &config),
             };
             async move { crate::console::serve(listener, parts, &config, stop).await }
         }))
@@ -1258,6 +1259,18 @@ async fn infer_stage(
                                         confidence: p.confidence,
                                         review: p.decision == Decision::Review,
                                     });
+                                    if p.decision == Decision::Review {
+                                        r.add_review(crate::pipeline::recent::ReviewItem {
+                                            id: p.id.clone(),
+                                            bucket: p.bucket.clone(),
+                                            key: p.key.clone(),
+                                            label: p.label.clone(),
+                                            confidence: p.confidence,
+                                            scores: p.scores.clone(),
+                                            processed_at: p.processed_at.clone(),
+                                            reviewed: None,
+                                        });
+                                    }
                                 }
                                 if let Some(d) = &drift {
                                     d.observe(&Observation {

@@ -1,6 +1,6 @@
 //! The latest predictions made here, for the console: rates, the
-//! confidence histogram, and what share each threshold would send to
-//! review.
+//! confidence histogram, what share each threshold would send to review,
+//! and the queue of the latest review predictions.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -21,6 +21,24 @@ pub struct Recent {
     capacity: usize,
     started_ms: i64,
     seen: Mutex<VecDeque<Seen>>,
+    review: Mutex<VecDeque<ReviewItem>>,
+}
+
+/// Review predictions kept for the console's queue.
+pub const REVIEW_QUEUE: usize = 200;
+
+/// A review prediction in the console's queue.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReviewItem {
+    pub id: String,
+    pub bucket: String,
+    pub key: String,
+    pub label: String,
+    pub confidence: f64,
+    pub scores: std::collections::BTreeMap<String, f64>,
+    pub processed_at: String,
+    /// The label a reviewer gave, once given here.
+    pub reviewed: Option<String>,
 }
 
 /// Bins of the confidence histogram.
@@ -56,6 +74,39 @@ impl Recent {
             capacity: capacity.max(1),
             started_ms,
             seen: Mutex::new(VecDeque::new()),
+            review: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<ReviewItem>> {
+        self.review.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A review prediction, into the queue (the oldest leaves past
+    /// [`REVIEW_QUEUE`]; the same id again replaces it).
+    pub fn add_review(&self, item: ReviewItem) {
+        let mut q = self.queue();
+        q.retain(|i| i.id != item.id);
+        if q.len() >= REVIEW_QUEUE {
+            q.pop_front();
+        }
+        q.push_back(item);
+    }
+
+    /// The queue, newest first.
+    pub fn reviews(&self) -> Vec<ReviewItem> {
+        self.queue().iter().rev().cloned().collect()
+    }
+
+    /// The queued prediction `id`, if it is in the queue.
+    pub fn review_item(&self, id: &str) -> Option<ReviewItem> {
+        self.queue().iter().find(|i| i.id == id).cloned()
+    }
+
+    /// Records the label a reviewer gave `id`.
+    pub fn reviewed(&self, id: &str, label: &str) {
+        if let Some(i) = self.queue().iter_mut().find(|i| i.id == id) {
+            i.reviewed = Some(label.to_string());
         }
     }
 
@@ -186,6 +237,36 @@ mod tests {
         assert_eq!(s.predictions, 10);
         assert!((s.seconds - 0.1).abs() < 1e-9, "{}", s.seconds);
         assert_eq!(s.per_second, 10.0);
+    }
+
+    #[test]
+    fn the_review_queue_is_bounded_newest_first_and_remembers_answers() {
+        let r = Recent::new(10, 0);
+        let item = |i: usize| ReviewItem {
+            id: format!("u/k{i}@e"),
+            bucket: "u".into(),
+            key: format!("k{i}"),
+            label: "cat".into(),
+            confidence: 0.6,
+            scores: Default::default(),
+            processed_at: String::new(),
+            reviewed: None,
+        };
+        for i in 0..REVIEW_QUEUE + 5 {
+            r.add_review(item(i));
+        }
+        let q = r.reviews();
+        assert_eq!(q.len(), REVIEW_QUEUE);
+        assert_eq!(q[0].id, format!("u/k{}@e", REVIEW_QUEUE + 4));
+        assert!(r.review_item("u/k0@e").is_none());
+        r.reviewed("u/k10@e", "dog");
+        assert_eq!(
+            r.review_item("u/k10@e").unwrap().reviewed.as_deref(),
+            Some("dog")
+        );
+        // Redelivered: replaced, not doubled.
+        r.add_review(item(10));
+        assert_eq!(r.reviews().len(), REVIEW_QUEUE);
     }
 
     #[test]

@@ -55,6 +55,8 @@ fn random_token() -> std::io::Result<String> {
 
 /// The demo's control topic, unless console.control_topic names one.
 const DEMO_CONTROL_TOPIC: &str = "inferstream-control";
+/// The demo's ground-truth topic, unless monitor.ground_truth_topic names one.
+const DEMO_GROUND_TRUTH_TOPIC: &str = "inferstream-ground-truth";
 /// Lines of a digest's text shown in the terminal.
 const DIGEST_LINES_SHOWN: usize = 14;
 
@@ -146,6 +148,13 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
     kafka
         .create_topic(&config.console.control_topic, 1, 1)
         .with_context(|| format!("creating topic {}", config.console.control_topic))?;
+    // Reviewers' answers in the console become true labels.
+    if config.monitor.ground_truth_topic.is_empty() {
+        config.monitor.ground_truth_topic = DEMO_GROUND_TRUTH_TOPIC.into();
+    }
+    kafka
+        .create_topic(&config.monitor.ground_truth_topic, PARTITIONS, 1)
+        .with_context(|| format!("creating topic {}", config.monitor.ground_truth_topic))?;
 
     // S3 and the endpoint.
     let s3_dir = tempfile::tempdir().context("creating a directory for the embedded S3")?;

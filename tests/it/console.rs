@@ -225,3 +225,143 @@ async fn a_threshold_applied_with_the_token_reaches_every_instance() {
     .unwrap();
     assert_eq!(status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reviewers_label_becomes_ground_truth_and_counts_in_accuracy() {
+    let stack = Stack::start(Faults::default()).await;
+    stack
+        .kafka
+        .create_topic(CONTROL, 1, 1)
+        .expect("create topic");
+    stack
+        .kafka
+        .create_topic("ground-truth", PARTITIONS, 1)
+        .expect("create topic");
+    let console = format!("127.0.0.1:{}", free_port());
+    let service = stack
+        .service(&[
+            ("CONSOLE__ENABLED", "true"),
+            ("CONSOLE__LISTEN", &console),
+            ("CONSOLE__TOKEN", "s3cret"),
+            ("CONSOLE__CONTROL_TOPIC", CONTROL),
+            ("MONITOR__GROUND_TRUTH_TOPIC", "ground-truth"),
+        ])
+        .await;
+    let end = Instant::now() + MINUTE;
+    while !service
+        .log_all()
+        .contains("ground truth: reading true labels")
+    {
+        assert!(Instant::now() < end, "{}", service.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Ten images the model is unsure of: all to review.
+    let events = upload(&stack, 10, "unsure", |_| 0.6).await;
+    stack.produce(&events).await;
+    let mut out = stack.collector();
+    out.until("10 predictions", MINUTE, |r| {
+        predictions_by_id(r).len() >= 10
+    })
+    .await;
+
+    let (status, body) = http_get(&format!("http://{console}/api/review"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let queue: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reviews = queue["reviews"].as_array().unwrap();
+    assert_eq!(reviews.len(), 10, "{body}");
+    assert_eq!(queue["ground_truth"], true);
+
+    // The image of a queued prediction, as it is in S3; nothing else.
+    let first = &reviews[0];
+    let id = first["id"].as_str().unwrap();
+    let image_url = |id: &str| {
+        format!(
+            "http://{console}/api/review/image?id={}",
+            id.replace('%', "%25")
+                .replace(' ', "%20")
+                .replace('/', "%2F")
+                .replace('@', "%40")
+                .replace('"', "%22")
+        )
+    };
+    let (status, bytes) = http_request_bytes("GET", &image_url(id), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let in_s3 = stack
+        .s3
+        .get_object()
+        .bucket(first["bucket"].as_str().unwrap())
+        .key(first["key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(bytes, in_s3.to_vec());
+    let (status, _) = http_get(&image_url("uploads/secret.png@1")).await.unwrap();
+    assert_eq!(status, 404);
+
+    // Labels: without the token refused; then one confirmed, one corrected.
+    let label_url = format!("http://{console}/api/review/label");
+    let predicted = |i: usize| reviews[i]["label"].as_str().unwrap().to_string();
+    let other = |l: &str| {
+        if l == "bicycle" {
+            "motorcycle"
+        } else {
+            "bicycle"
+        }
+    };
+    let answer = |i: usize, label: &str| {
+        serde_json::json!({"id": reviews[i]["id"], "label": label, "by": "reviewer"}).to_string()
+    };
+    let (status, _) = http_request("POST", &label_url, &[], &answer(0, &predicted(0)))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    let auth = [("Authorization", "Bearer s3cret")];
+    let (status, _) = http_request("POST", &label_url, &auth, &answer(0, "cat"))
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    for (i, label) in [(0, predicted(0)), (1, other(&predicted(1)).to_string())] {
+        let (status, body) = http_request("POST", &label_url, &auth, &answer(i, &label))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    service
+        .wait_metric(
+            "inferstream_judged_predictions_total",
+            &["decision=\"review\""],
+            MINUTE,
+            |v| v >= 2.0,
+        )
+        .await;
+    assert_eq!(
+        service
+            .metric(
+                "inferstream_correct_predictions_total",
+                &["decision=\"review\""]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(service.metric("inferstream_accuracy", &[]).await, 0.5);
+    let (_, body) = http_get(&format!("http://{console}/api/review"))
+        .await
+        .unwrap();
+    let queue: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reviewed: Vec<&serde_json::Value> = queue["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["reviewed"].is_null())
+        .collect();
+    assert_eq!(reviewed.len(), 2, "{body}");
+}
