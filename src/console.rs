@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::pipeline::control::{self, Live, Thresholds};
-use crate::pipeline::recent::Recent;
+use crate::pipeline::recent::{Recent, ReviewItem};
 
 /// The console page: plain HTML and a little JavaScript, no build step.
 const PAGE: &str = include_str!("console.html");
@@ -45,7 +45,12 @@ struct Console {
     /// Images larger than this are not shown (fetch.max_object_bytes).
     max_image_bytes: u64,
     timeout: std::time::Duration,
+    /// Images read at once, at most (each is held in memory).
+    images: Arc<tokio::sync::Semaphore>,
 }
+
+/// Review images the console reads from S3 at once, at most.
+const IMAGES_AT_ONCE: usize = 8;
 
 /// What the console shows and changes.
 pub struct Parts {
@@ -84,6 +89,7 @@ pub async fn serve(
         truth_topic: config.monitor.ground_truth_topic.clone(),
         max_image_bytes: config.fetch.max_object_bytes,
         timeout: config.fetch.timeout,
+        images: Arc::new(tokio::sync::Semaphore::new(IMAGES_AT_ONCE)),
         topic: config.console.control_topic.clone(),
         // A token read from a file often ends in a newline.
         token: Arc::new(config.console.token.0.trim().to_string()),
@@ -212,53 +218,65 @@ async fn review_image(
     let Some(item) = c.recent.review_item(&q.id) else {
         return (StatusCode::NOT_FOUND, "not in the review queue\n").into_response();
     };
-    let get = c.s3.get_object().bucket(&item.bucket).key(&item.key).send();
-    let out = match tokio::time::timeout(c.timeout, get).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => {
-            let detail = crate::clients::aws::describe(&e);
-            tracing::warn!(bucket = %item.bucket, key = %item.key, error = %detail, "console: cannot read a review image");
-            return (StatusCode::BAD_GATEWAY, format!("S3: {detail}\n")).into_response();
-        }
-        Err(_) => {
-            return (
-                StatusCode::GATEWAY_TIMEOUT,
-                "S3 did not answer within fetch.timeout\n",
-            )
-                .into_response()
-        }
+    let Ok(_permit) = c.images.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy: try again\n").into_response();
     };
-    if out
-        .content_length()
-        .is_some_and(|n| n.max(0) as u64 > c.max_image_bytes)
-    {
-        return (
+    match tokio::time::timeout(c.timeout, read_image(&c, &item)).await {
+        Ok(Ok(bytes)) => image_response(bytes),
+        Ok(Err(response)) => response,
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "S3 did not give the image within fetch.timeout\n",
+        )
+            .into_response(),
+    }
+}
+
+/// The image `item` was classified on, as bytes; the version classified
+/// (version id, else ETag), or nothing.
+async fn read_image(c: &Console, item: &ReviewItem) -> Result<Vec<u8>, Response> {
+    let mut get = c.s3.get_object().bucket(&item.bucket).key(&item.key);
+    if let Some(v) = &item.version_id {
+        get = get.version_id(v);
+    } else if let Some(e) = &item.etag {
+        get = get.if_match(e);
+    }
+    let out = get.send().await.map_err(|e| {
+        tracing::warn!(bucket = %item.bucket, key = %item.key, error = %crate::clients::aws::describe(&e),
+            "console: cannot read a review image");
+        (
+            StatusCode::BAD_GATEWAY,
+            "S3 did not give the image as it was classified (see the service's log)\n",
+        )
+            .into_response()
+    })?;
+    let too_large = || {
+        (
             StatusCode::PAYLOAD_TOO_LARGE,
             "larger than fetch.max_object_bytes\n",
         )
-            .into_response();
+            .into_response()
+    };
+    let announced = out.content_length().unwrap_or(0).max(0) as u64;
+    if announced > c.max_image_bytes {
+        return Err(too_large());
     }
     let mut body = out.body;
-    let mut bytes = Vec::new();
-    loop {
-        match tokio::time::timeout(c.timeout, body.next()).await {
-            Ok(Some(Ok(chunk))) => {
-                bytes.extend_from_slice(&chunk);
-                if bytes.len() as u64 > c.max_image_bytes {
-                    return (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "larger than fetch.max_object_bytes\n",
-                    )
-                        .into_response();
-                }
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return (StatusCode::BAD_GATEWAY, format!("S3: {e}\n")).into_response()
-            }
-            Err(_) => return (StatusCode::GATEWAY_TIMEOUT, "S3 stalled\n").into_response(),
+    let mut bytes = Vec::with_capacity(announced as usize);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            tracing::warn!(key = %item.key, error = %e, "console: reading a review image failed");
+            (StatusCode::BAD_GATEWAY, "reading the image failed\n").into_response()
+        })?;
+        if (bytes.len() + chunk.len()) as u64 > c.max_image_bytes {
+            return Err(too_large());
         }
+        bytes.extend_from_slice(&chunk);
     }
+    Ok(bytes)
+}
+
+fn image_response(bytes: Vec<u8>) -> Response {
     // Only what is an image, with its own type; never sniffed as HTML.
     let Some(kind) = crate::pipeline::fetch::sniff(&bytes) else {
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not an image\n").into_response();
@@ -323,8 +341,17 @@ async fn review_label(
         )
             .into_response();
     }
-    if c.recent.review_item(&answer.id).is_none() {
-        return (StatusCode::NOT_FOUND, "not in the review queue\n").into_response();
+    // The ground-truth join counts the first label of a prediction only.
+    match c.recent.claim(&answer.id, &answer.label) {
+        Ok(()) => {}
+        Err(None) => return (StatusCode::NOT_FOUND, "not in the review queue\n").into_response(),
+        Err(Some(first)) => {
+            return (
+                StatusCode::CONFLICT,
+                format!("already answered {first:?}; the first answer counts\n"),
+            )
+                .into_response()
+        }
     }
     let by: String = answer
         .by
@@ -348,15 +375,17 @@ async fn review_label(
     );
     match send.await {
         Ok(_) => {
-            c.recent.reviewed(&answer.id, &answer.label);
             tracing::info!(id = %answer.id, label = %answer.label, "console: a reviewer's label written as ground truth");
             (StatusCode::OK, Json(record)).into_response()
         }
-        Err((e, _)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("Kafka did not confirm the label ({e}); it may still be recorded\n"),
-        )
-            .into_response(),
+        Err((e, _)) => {
+            c.recent.release(&answer.id);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Kafka did not confirm the label ({e}); it may still be recorded\n"),
+            )
+                .into_response()
+        }
     }
 }
 

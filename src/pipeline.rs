@@ -1264,6 +1264,8 @@ async fn infer_stage(
                                             id: p.id.clone(),
                                             bucket: p.bucket.clone(),
                                             key: p.key.clone(),
+                                            version_id: p.version_id.clone(),
+                                            etag: p.etag.clone(),
                                             label: p.label.clone(),
                                             confidence: p.confidence,
                                             scores: p.scores.clone(),

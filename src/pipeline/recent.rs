@@ -33,6 +33,9 @@ pub struct ReviewItem {
     pub id: String,
     pub bucket: String,
     pub key: String,
+    /// The version classified: the object's version id or ETag.
+    pub version_id: Option<String>,
+    pub etag: Option<String>,
     pub label: String,
     pub confidence: f64,
     pub scores: std::collections::BTreeMap<String, f64>,
@@ -103,10 +106,22 @@ impl Recent {
         self.queue().iter().find(|i| i.id == id).cloned()
     }
 
-    /// Records the label a reviewer gave `id`.
-    pub fn reviewed(&self, id: &str, label: &str) {
+    /// Takes the answer `label` for `id`, unless it is not queued or was
+    /// answered already (then the first answer).
+    pub fn claim(&self, id: &str, label: &str) -> Result<(), Option<String>> {
+        let mut q = self.queue();
+        let item = q.iter_mut().find(|i| i.id == id).ok_or(None)?;
+        if let Some(first) = &item.reviewed {
+            return Err(Some(first.clone()));
+        }
+        item.reviewed = Some(label.to_string());
+        Ok(())
+    }
+
+    /// Gives up a claimed answer that could not be recorded.
+    pub fn release(&self, id: &str) {
         if let Some(i) = self.queue().iter_mut().find(|i| i.id == id) {
-            i.reviewed = Some(label.to_string());
+            i.reviewed = None;
         }
     }
 
@@ -246,6 +261,8 @@ mod tests {
             id: format!("u/k{i}@e"),
             bucket: "u".into(),
             key: format!("k{i}"),
+            version_id: None,
+            etag: None,
             label: "cat".into(),
             confidence: 0.6,
             scores: Default::default(),
@@ -259,11 +276,15 @@ mod tests {
         assert_eq!(q.len(), REVIEW_QUEUE);
         assert_eq!(q[0].id, format!("u/k{}@e", REVIEW_QUEUE + 4));
         assert!(r.review_item("u/k0@e").is_none());
-        r.reviewed("u/k10@e", "dog");
+        assert_eq!(r.claim("u/k10@e", "dog"), Ok(()));
+        assert_eq!(r.claim("u/k10@e", "cat"), Err(Some("dog".into())));
+        assert_eq!(r.claim("u/k0@e", "cat"), Err(None));
         assert_eq!(
             r.review_item("u/k10@e").unwrap().reviewed.as_deref(),
             Some("dog")
         );
+        r.release("u/k10@e");
+        assert_eq!(r.claim("u/k10@e", "cat"), Ok(()));
         // Redelivered: replaced, not doubled.
         r.add_review(item(10));
         assert_eq!(r.reviews().len(), REVIEW_QUEUE);
