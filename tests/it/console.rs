@@ -336,7 +336,7 @@ async fn a_reviewers_label_becomes_ground_truth_and_counts_in_accuracy() {
         assert_eq!(status, 200, "{body}");
     }
     // A second answer would not count: refused.
-    let (status, body) = http_request("POST", &label_url, &auth, &answer(0, &other(&predicted(0))))
+    let (status, body) = http_request("POST", &label_url, &auth, &answer(0, other(&predicted(0))))
         .await
         .unwrap();
     assert_eq!(status, 409, "{body}");
