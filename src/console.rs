@@ -309,13 +309,8 @@ async fn review_label(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorised(&headers, &c.token) {
-        tracing::warn!("console: a review label without the right token was refused");
-        return (
-            StatusCode::FORBIDDEN,
-            "changes need Authorization: Bearer <console.token>\n",
-        )
-            .into_response();
+    if let Some(refused) = refused(&headers, &c.token, "a review label") {
+        return refused;
     }
     if c.truth_topic.is_empty() {
         return (
@@ -353,13 +348,7 @@ async fn review_label(
                 .into_response()
         }
     }
-    let by: String = answer
-        .by
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(100)
-        .collect();
+    let by = control::printable(&answer.by.unwrap_or_default(), 100);
     let record = serde_json::json!({
         "id": answer.id,
         "label": answer.label,
@@ -409,6 +398,22 @@ struct Change {
     by: Option<String>,
 }
 
+/// None when `headers` carry the token, else the 403 answer (and a
+/// warning that `what` was refused).
+fn refused(headers: &HeaderMap, token: &str, what: &str) -> Option<Response> {
+    if authorised(headers, token) {
+        return None;
+    }
+    tracing::warn!("console: {what} without the right token was refused");
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            "changes need Authorization: Bearer <console.token>\n",
+        )
+            .into_response(),
+    )
+}
+
 /// Whether `headers` carry `Authorization: Bearer <token>`; never with an
 /// empty token. The comparison takes the same time wherever they differ.
 fn authorised(headers: &HeaderMap, token: &str) -> bool {
@@ -424,13 +429,8 @@ fn authorised(headers: &HeaderMap, token: &str) -> bool {
 }
 
 async fn change(State(c): State<Console>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !authorised(&headers, &c.token) {
-        tracing::warn!("console: a change without the right token was refused");
-        return (
-            StatusCode::FORBIDDEN,
-            "changes need Authorization: Bearer <console.token>\n",
-        )
-            .into_response();
+    if let Some(refused) = refused(&headers, &c.token, "a change") {
+        return refused;
     }
     let asked: Change = match serde_json::from_slice(&body) {
         Ok(a) => a,

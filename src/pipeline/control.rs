@@ -92,7 +92,7 @@ impl Thresholds {
 }
 
 /// At most `max` characters of `s`, without control characters.
-fn printable(s: &str, max: usize) -> String {
+pub fn printable(s: &str, max: usize) -> String {
     s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 

@@ -55,14 +55,9 @@ pub async fn command(
     start: Option<SystemTime>,
     end: Option<SystemTime>,
 ) -> ExitCode {
-    crate::app::init_logging(crate::config::LogFormat::Text, "warn");
-    let cfg = match crate::config::Config::load_unchecked(crate::app::config_path(path).as_deref())
-    {
+    let cfg = match crate::tools::load_config(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let loaded = match crate::tools::report::load_capture(&cfg, from).await {
         Ok(l) => l,

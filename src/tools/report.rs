@@ -659,16 +659,31 @@ fn drift<DB: DrawingBackend>(
             .collect();
         dotted_line(&mut chart, line, colour, format!("PSI of {name}"))?;
     }
+    dashed_line(&mut chart, [(0.0, 0.2), (span, 0.2)], "0.2: a shift".into())?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}
+
+/// A dashed reference line between two points (a threshold, a limit),
+/// and its legend entry.
+fn dashed_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    ends: [(f64, f64); 2],
+    label: String,
+) -> DrawResult<DB> {
     chart
         .draw_series(DashedLineSeries::new(
-            vec![(0.0, 0.2), (span, 0.2)],
+            ends.to_vec(),
             8,
             5,
             THRESHOLD.stroke_width(2),
         ))?
-        .label("0.2: a shift")
+        .label(label)
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
-    legend(&mut chart, SeriesLabelPosition::UpperLeft)
+    Ok(())
 }
 
 /// A line with a dot at each point, and its legend entry.
@@ -889,15 +904,11 @@ fn threshold_curve_chart<DB: DrawingBackend>(
         .draw_series(LineSeries::new(review, REVIEW.stroke_width(2)))?
         .label("share sent to review")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], REVIEW.stroke_width(2)));
-    chart
-        .draw_series(DashedLineSeries::new(
-            vec![(current, 0.0), (current, 1.05)],
-            8,
-            5,
-            THRESHOLD.stroke_width(2),
-        ))?
-        .label(format!("threshold in use {current:.3}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    dashed_line(
+        &mut chart,
+        [(current, 0.0), (current, 1.05)],
+        format!("threshold in use {current:.3}"),
+    )?;
     legend(&mut chart, SeriesLabelPosition::MiddleLeft)
 }
 
@@ -944,15 +955,11 @@ fn over_time<DB: DrawingBackend>(
             .label(format!("{name} ({n})"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, colour.filled()));
     }
-    chart
-        .draw_series(DashedLineSeries::new(
-            vec![(0.0, threshold), (span, threshold)],
-            8,
-            5,
-            THRESHOLD.stroke_width(2),
-        ))?
-        .label(format!("threshold {threshold}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], THRESHOLD.stroke_width(2)));
+    dashed_line(
+        &mut chart,
+        [(0.0, threshold), (span, threshold)],
+        format!("threshold {threshold}"),
+    )?;
     legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
@@ -1125,16 +1132,11 @@ pub async fn command(
     ground_truth: Option<&str>,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
-    crate::app::init_logging(crate::config::LogFormat::Text, "warn");
     // Labels and thresholds read SageMaker's own captures; S3 settings
     // read s3:// captures.
-    let cfg = match crate::config::Config::load_unchecked(crate::app::config_path(path).as_deref())
-    {
+    let cfg = match crate::tools::load_config(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let baseline = match baseline.map(crate::pipeline::monitor::Baseline::load) {
         None => None,
