@@ -370,6 +370,8 @@ impl GroundTruth {
                     Ok(Ok(m)) => {
                         self.record(m.payload().unwrap_or_default());
                     }
+                    // Caught up with a partition: not a failure.
+                    Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "ground truth: reading failed");
                         tokio::time::sleep(Duration::from_millis(200)).await;
