@@ -49,6 +49,9 @@ struct Console {
     images: Arc<tokio::sync::Semaphore>,
 }
 
+/// The largest request body taken (a change or a label is far smaller).
+const MAX_BODY: usize = 16 * 1024;
+
 /// Review images the console reads from S3 at once, at most.
 const IMAGES_AT_ONCE: usize = 8;
 
@@ -103,8 +106,10 @@ pub async fn serve(
         .route("/api/review", get(review_queue))
         .route("/api/review/image", get(review_image))
         .route("/api/review/label", axum::routing::post(review_label))
+        // Changes are small; a body is read before the token is checked.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(crate::http::Limited::new(listener), app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {
@@ -180,7 +185,7 @@ async fn curve(
     }
     let t = c.live.get();
     // The default applies to the labels without a threshold of their own.
-    let (predictions, points) = match label.as_deref() {
+    let (predictions, judged, points) = match label.as_deref() {
         Some(l) => c.recent.curve(|p| p == l),
         None => c.recent.curve(|p| !t.label_thresholds.contains_key(p)),
     };
@@ -188,6 +193,7 @@ async fn curve(
     Json(serde_json::json!({
         "label": label,
         "predictions": predictions,
+        "judged": judged,
         "threshold": threshold,
         "curve": points,
     }))
@@ -356,25 +362,40 @@ async fn review_label(
         "at": crate::record::now_rfc3339(),
     });
     let json = record.to_string();
-    let send = c.producer.send(
-        rdkafka::producer::FutureRecord::to(&c.truth_topic)
-            .key(&answer.id)
-            .payload(&json),
-        rdkafka::util::Timeout::Never,
+    // Sent by a task of its own: a reviewer who leaves (closing the page
+    // drops this handler) must not leave the answer taken but unwritten.
+    let (producer, topic, recent, id) = (
+        c.producer.clone(),
+        c.truth_topic.clone(),
+        c.recent.clone(),
+        answer.id.clone(),
     );
-    match send.await {
-        Ok(_) => {
+    let sent = tokio::spawn(async move {
+        let send = producer.send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key(&id)
+                .payload(&json),
+            rdkafka::util::Timeout::Never,
+        );
+        let sent = send.await.map(|_| ()).map_err(|(e, _)| e.to_string());
+        if let Err(e) = &sent {
+            recent.release(&id);
+            tracing::warn!(id = %id, error = %e, "console: a reviewer's label was not written; it can be given again");
+        }
+        sent
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match sent {
+        Ok(()) => {
             tracing::info!(id = %answer.id, label = %answer.label, "console: a reviewer's label written as ground truth");
             (StatusCode::OK, Json(record)).into_response()
         }
-        Err((e, _)) => {
-            c.recent.release(&answer.id);
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("Kafka did not confirm the label ({e}); it may still be recorded\n"),
-            )
-                .into_response()
-        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kafka did not confirm the label ({e}); it may still be recorded\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -396,6 +417,10 @@ struct Change {
     label_thresholds: std::collections::BTreeMap<String, f64>,
     #[serde(default)]
     by: Option<String>,
+    /// The `at` of the thresholds the change starts from: when given, a
+    /// change made meanwhile (anywhere) refuses this one (409).
+    #[serde(default)]
+    based_on: Option<String>,
 }
 
 /// None when `headers` carry the token, else the 403 answer (and a
@@ -442,6 +467,26 @@ async fn change(State(c): State<Console>, headers: HeaderMap, body: axum::body::
                 .into_response()
         }
     };
+    if let Some(base) = &asked.based_on {
+        if let Err(e) = read_to_the_end(&c).await {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot tell whether the thresholds changed meanwhile ({e}); try again\n"),
+            )
+                .into_response();
+        }
+        let now = c.live.get();
+        if now.at != *base {
+            return (
+                StatusCode::CONFLICT,
+                format!(
+                    "the thresholds changed meanwhile ({} at {}): look at them and apply again\n",
+                    now.by, now.at
+                ),
+            )
+                .into_response();
+        }
+    }
     let t = Thresholds {
         schema: control::SCHEMA.into(),
         threshold: asked.threshold,
@@ -466,6 +511,48 @@ async fn change(State(c): State<Console>, headers: HeaderMap, body: axum::body::
             tracing::warn!(error = %e, "console: the change could not be written");
             (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
         }
+    }
+}
+
+/// Waits (up to 5 s) until this instance has read the control topic up to
+/// where it ends now, so that the thresholds in force here are the latest.
+async fn read_to_the_end(c: &Console) -> Result<(), String> {
+    let wait = std::time::Duration::from_secs(5);
+    let (producer, topic) = (c.producer.clone(), c.topic.clone());
+    let ends = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer as _;
+        let client = producer.client();
+        let md = client
+            .fetch_metadata(Some(&topic), wait)
+            .map_err(|e| e.to_string())?;
+        let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+        (0..partitions as i32)
+            .map(|p| {
+                client
+                    .fetch_watermarks(&topic, p, wait)
+                    .map(|ends| (p, ends))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<(i32, (i64, i64))>, String>>()
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let read = c.live.read_to();
+        // An empty partition (low = high) has nothing to read.
+        if ends
+            .iter()
+            .all(|(p, (low, high))| read.get(p).copied().unwrap_or(*low) >= *high)
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(
+                "this instance has not read console.control_topic to its end within 5 s".into(),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

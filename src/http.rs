@@ -1,4 +1,5 @@
-//! The metrics and health server: `/metrics`, `/healthz`, `/readyz`.
+//! The metrics and health server: `/metrics`, `/healthz`, `/readyz`; and
+//! the connection limits every HTTP server of the service has.
 
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, ready });
-    if let Err(e) = axum::serve(listener, app)
+    if let Err(e) = axum::serve(Limited::new(listener), app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {
@@ -59,5 +60,131 @@ async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no input partition assigned, or the endpoint is unreachable\n",
         )
+    }
+}
+
+/// Connections an HTTP server of the service holds at once, at most; the
+/// next wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection with no byte read or written for this long is closed
+/// (hyper, as axum serves it, has no timeouts of its own).
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A listener that holds at most [`MAX_CONNECTIONS`] connections and
+/// closes those idle for [`IDLE`], so that clients which open connections
+/// and send nothing, or never read an answer, cannot hold memory or file
+/// descriptors for ever.
+pub struct Limited {
+    listener: TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Limited {
+    pub fn new(listener: TcpListener) -> Limited {
+        Limited {
+            listener,
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Guarded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Guarded, std::net::SocketAddr) {
+        // The semaphore is never closed.
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return std::future::pending().await;
+        };
+        loop {
+            match self.listener.accept().await {
+                Ok((io, addr)) => {
+                    let guarded = Guarded {
+                        io,
+                        _permit: permit,
+                        idle: Box::pin(tokio::time::sleep(IDLE)),
+                    };
+                    return (guarded, addr);
+                }
+                // Out of file descriptors and the like: as axum does.
+                Err(e) => {
+                    tracing::debug!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection of [`Limited`]: its place among the connections, and its
+/// idle deadline, pushed back by every byte read or written.
+pub struct Guarded {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Guarded {
+    /// `r` when ready (and the deadline pushed back), a time-out error
+    /// when the deadline passed first.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match r {
+            Poll::Ready(r) => {
+                self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        self.watch(cx, r)
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

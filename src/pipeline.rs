@@ -218,6 +218,12 @@ pub async fn start_with(
             metrics.clone(),
         ))
     };
+    let recent = config.console.enabled.then(|| {
+        Arc::new(crate::pipeline::recent::Recent::new(
+            CONSOLE_RECENT,
+            crate::record::now_ms(),
+        ))
+    });
     let truth = (!config.monitor.ground_truth_topic.is_empty()
         || !config.monitor.ground_truth_s3.is_empty())
     .then(|| {
@@ -225,6 +231,7 @@ pub async fn start_with(
             config.monitor.ground_truth_window,
             &config.endpoint.labels,
             metrics.clone(),
+            recent.clone(),
         )
     });
     let (alerter, publisher) = match (config.alerts.mode, digests) {
@@ -275,7 +282,7 @@ pub async fn start_with(
         let topic = config.console.control_topic.clone();
         let reader = tokio::task::spawn_blocking({
             let (kafka, topic) = (config.kafka.clone(), topic.clone());
-            move || crate::pipeline::control::connect(&kafka, &topic)
+            move || crate::pipeline::control::connect(&kafka, &topic, &Default::default())
         })
         .await
         .context("connecting to console.control_topic")?
@@ -298,12 +305,6 @@ pub async fn start_with(
         tracing::info!(threshold = t.threshold, label_thresholds = ?t.label_thresholds, by = %t.by, "thresholds in force");
         Some(task)
     };
-    let recent = config.console.enabled.then(|| {
-        Arc::new(crate::pipeline::recent::Recent::new(
-            CONSOLE_RECENT,
-            crate::record::now_ms(),
-        ))
-    });
     let mut console_addr = None;
     let console = if let Some(recent) = recent.clone() {
         let listener = tokio::net::TcpListener::bind(&config.console.listen)

@@ -130,13 +130,13 @@ pub async fn leave_subscription<C>(
     }
 }
 
-/// Assigns every partition of `topic` to `consumer` from `offset`, and
+/// Assigns every partition `p` of `topic` to `consumer` from `offset(p)`, and
 /// returns how many there are; `key` names the setting in errors.
 /// Blocking (metadata): call it off the runtime.
 pub fn assign_all<X, C>(
     consumer: &X,
     topic: &str,
-    offset: rdkafka::Offset,
+    offset: impl Fn(i32) -> rdkafka::Offset,
     key: &str,
 ) -> Result<usize, String>
 where
@@ -155,7 +155,7 @@ where
         .ok_or_else(|| format!("{key} `{topic}` does not exist"))?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, offset)
+        tpl.add_partition_offset(topic, p as i32, offset(p as i32))
             .map_err(|e| e.to_string())?;
     }
     consumer.assign(&tpl).map_err(|e| e.to_string())?;

@@ -101,6 +101,9 @@ pub struct Live {
     current: RwLock<Arc<Thresholds>>,
     history: Mutex<VecDeque<Thresholds>>,
     labels: Vec<String>,
+    /// Per partition of the control topic, the offset after the last
+    /// record read.
+    read: Mutex<BTreeMap<i32, i64>>,
 }
 
 impl Live {
@@ -109,7 +112,14 @@ impl Live {
             current: RwLock::new(Arc::new(Thresholds::from_config(config))),
             history: Mutex::new(VecDeque::new()),
             labels: config.endpoint.labels.clone(),
+            read: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Per partition of the control topic, the offset after the last
+    /// record read here.
+    pub fn read_to(&self) -> BTreeMap<i32, i64> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The thresholds to route by now.
@@ -131,14 +141,32 @@ impl Live {
     }
 
     /// Applies a control record; a bad one is logged and skipped.
+    ///
+    /// Thresholds for labels not in this instance's `endpoint.labels` are
+    /// left out (with a warning) and the rest applied, so that instances
+    /// whose label lists differ for a while (a rolling deploy of a model
+    /// with a new label) still follow the same changes.
     pub fn apply(&self, payload: &[u8], offset: i64) -> bool {
-        let t = match serde_json::from_slice::<Thresholds>(payload) {
+        let mut t = match serde_json::from_slice::<Thresholds>(payload) {
             Ok(t) => t.tidy(),
             Err(e) => {
                 tracing::warn!(offset, error = %e, "control topic: a thresholds record that is not JSON of the right shape; skipped");
                 return false;
             }
         };
+        let before = t.label_thresholds.len();
+        let unknown: Vec<String> = t
+            .label_thresholds
+            .keys()
+            .filter(|l| !self.labels.contains(l))
+            .take(5)
+            .map(|l| printable(l, 60))
+            .collect();
+        if !unknown.is_empty() {
+            t.label_thresholds.retain(|l, _| self.labels.contains(l));
+            tracing::warn!(offset, by = %t.by, ignored = before - t.label_thresholds.len(), labels = ?unknown,
+                "control topic: thresholds for labels not in this instance's endpoint.labels are ignored; the rest applies");
+        }
         if let Err(e) = t.check(&self.labels) {
             tracing::warn!(offset, by = %t.by, error = %e, "control topic: invalid thresholds; skipped");
             return false;
@@ -160,7 +188,7 @@ impl Live {
     /// Reads the control topic from its beginning until the task is
     /// aborted, on `reader` (see [`connect`]); `caught_up` is notified once
     /// every partition's end has been read. Errors that go on for ten
-    /// seconds make it connect again.
+    /// seconds make it connect again, reading on from where it was.
     pub async fn run(
         self: Arc<Self>,
         kafka: KafkaConfig,
@@ -175,8 +203,11 @@ impl Live {
             let (consumer, partitions) = match reader.take() {
                 Some(r) => r,
                 None => {
-                    let (kafka, topic) = (kafka.clone(), topic.clone());
-                    match tokio::task::spawn_blocking(move || connect(&kafka, &topic)).await {
+                    // On from what was read, so that older thresholds are
+                    // not applied again on the way.
+                    let (kafka, topic, from) = (kafka.clone(), topic.clone(), self.read_to());
+                    match tokio::task::spawn_blocking(move || connect(&kafka, &topic, &from)).await
+                    {
                         Ok(Ok(r)) => r,
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "control topic: cannot read console.control_topic; thresholds stay as they are; trying again in 10 s");
@@ -197,6 +228,10 @@ impl Live {
                 match consumer.recv().await {
                     Ok(m) => {
                         failing = 0;
+                        self.read
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(m.partition(), m.offset() + 1);
                         if m.key() == Some(THRESHOLDS_KEY.as_bytes()) {
                             self.apply(m.payload().unwrap_or_default(), m.offset());
                         }
@@ -226,13 +261,18 @@ impl Live {
     }
 }
 
-/// A consumer assigned to every partition of the control topic from its
-/// beginning, and how many partitions there are.
+/// A consumer assigned to every partition of the control topic, and how
+/// many partitions there are.
 pub type Reader = (rdkafka::consumer::StreamConsumer, usize);
 
-/// Connects to the control topic (blocking: run it off the runtime); an
-/// error names the key and the problem.
-pub fn connect(kafka: &KafkaConfig, topic: &str) -> Result<Reader, String> {
+/// Connects to the control topic (blocking: run it off the runtime), each
+/// partition from the offset in `from`, else from its beginning; an error
+/// names the key and the problem.
+pub fn connect(
+    kafka: &KafkaConfig,
+    topic: &str,
+    from: &BTreeMap<i32, i64>,
+) -> Result<Reader, String> {
     let c: rdkafka::consumer::StreamConsumer =
         crate::clients::kafka::state_reader_config(kafka, &format!("{}-control", kafka.group_id))
             .create()
@@ -240,7 +280,10 @@ pub fn connect(kafka: &KafkaConfig, topic: &str) -> Result<Reader, String> {
     let n = crate::clients::kafka::assign_all(
         &c,
         topic,
-        rdkafka::Offset::Beginning,
+        |p| {
+            from.get(&p)
+                .map_or(rdkafka::Offset::Beginning, |n| rdkafka::Offset::Offset(*n))
+        },
         "console.control_topic",
     )
     .map_err(|e| format!("{e} (create it with cleanup.policy=compact)"))?;
@@ -309,7 +352,6 @@ mod tests {
             b"not json".to_vec(),
             record(1.5, &[]),
             record(f64::NAN, &[]),
-            record(0.7, &[("cat", 0.5)]),
             record(0.7, &[("bicycle", -0.1)]),
             br#"{"schema": "other", "threshold": 0.5, "by": "x", "at": "y"}"#.to_vec(),
         ] {
@@ -325,6 +367,21 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_of_labels_this_instance_lacks_are_left_out_not_the_change() {
+        // Another instance's model knows "scooter": the rest still applies.
+        let live = Live::new(&config());
+        assert!(live.apply(&record(0.7, &[("scooter", 0.5), ("bicycle", 0.6)]), 1));
+        let t = live.get();
+        assert_eq!(t.threshold, 0.7);
+        assert_eq!(
+            t.label_thresholds.keys().collect::<Vec<_>>(),
+            vec!["bicycle"]
+        );
+        assert!(live.apply(&record(0.75, &[("scooter", 0.5)]), 2));
+        assert_eq!(live.get().for_label("bicycle"), 0.75);
+    }
+
+    #[test]
     fn who_and_when_are_printable_and_short() {
         let live = Live::new(&config());
         let mut t: Thresholds = serde_json::from_slice(&record(0.7, &[])).unwrap();
@@ -335,6 +392,54 @@ mod tests {
         assert!(live.apply(&serde_json::to_vec(&t).unwrap(), 1));
         let by = live.get().by.clone();
         assert!(!by.contains('\n') && by.chars().count() == 100, "{by}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reconnection_reads_on_from_where_reading_was() {
+        use rdkafka::consumer::StreamConsumer;
+        use rdkafka::message::Message as _;
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("control", 1, 1).unwrap();
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        for t in [0.6, 0.7, 0.8] {
+            let payload = record(t, &[]);
+            producer
+                .send(
+                    FutureRecord::to("control")
+                        .key(THRESHOLDS_KEY)
+                        .payload(&payload),
+                    rdkafka::util::Timeout::Never,
+                )
+                .await
+                .unwrap();
+        }
+        let mut config = config();
+        config.kafka.brokers = cluster.bootstrap_servers();
+        let read_from = |from: BTreeMap<i32, i64>| {
+            let kafka = config.kafka.clone();
+            async move {
+                let (c, n): (StreamConsumer, usize) =
+                    tokio::task::spawn_blocking(move || connect(&kafka, "control", &from))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                assert_eq!(n, 1);
+                // The first record read, past partition ends.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    match tokio::time::timeout_at(deadline, c.recv()).await {
+                        Ok(Ok(m)) => return m.offset(),
+                        Ok(Err(e)) => eprintln!("{e}"),
+                        Err(_) => panic!("nothing read within 30 s"),
+                    }
+                }
+            }
+        };
+        assert_eq!(read_from(BTreeMap::new()).await, 0);
+        assert_eq!(read_from(BTreeMap::from([(0, 2)])).await, 2);
     }
 
     #[test]

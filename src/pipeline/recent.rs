@@ -16,11 +16,21 @@ pub struct Seen {
     pub review: bool,
 }
 
-/// The last `capacity` predictions made here.
+/// A prediction made here whose true label came (ground truth).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgment {
+    pub label: String,
+    pub confidence: f64,
+    pub correct: bool,
+}
+
+/// The last `capacity` predictions made here, and the last `capacity`
+/// judged.
 pub struct Recent {
     capacity: usize,
     started_ms: i64,
     seen: Mutex<VecDeque<Seen>>,
+    judged: Mutex<VecDeque<Judgment>>,
     review: Mutex<VecDeque<ReviewItem>>,
 }
 
@@ -64,11 +74,15 @@ pub struct Summary {
     pub histogram_review: Vec<usize>,
 }
 
-/// For one threshold: the share of the predictions it would send to review.
+/// For one threshold: the share of the predictions it would send to
+/// review, and of the judged ones it would accept the share right.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CurvePoint {
     pub threshold: f64,
     pub review_share: f64,
+    /// None when no judged prediction would be accepted.
+    pub accepted_accuracy: Option<f64>,
+    pub accepted_judged: usize,
 }
 
 impl Recent {
@@ -77,6 +91,7 @@ impl Recent {
             capacity: capacity.max(1),
             started_ms,
             seen: Mutex::new(VecDeque::new()),
+            judged: Mutex::new(VecDeque::new()),
             review: Mutex::new(VecDeque::new()),
         }
     }
@@ -179,10 +194,20 @@ impl Recent {
         s
     }
 
+    /// A judged prediction (the oldest leaves past the capacity).
+    pub fn add_judged(&self, j: Judgment) {
+        let mut judged = self.judged.lock().unwrap_or_else(|p| p.into_inner());
+        if judged.len() >= self.capacity {
+            judged.pop_front();
+        }
+        judged.push_back(j);
+    }
+
     /// For the predictions whose label `wanted` says, the share of the
     /// kept ones each threshold from 0.5 to 1 (by 0.01) would send to
-    /// review.
-    pub fn curve(&self, wanted: impl Fn(&str) -> bool) -> (usize, Vec<CurvePoint>) {
+    /// review, and the accuracy of the judged ones it would accept.
+    /// Returns how many predictions and judgments that covers too.
+    pub fn curve(&self, wanted: impl Fn(&str) -> bool) -> (usize, usize, Vec<CurvePoint>) {
         let confidences: Vec<f64> = self
             .lock()
             .iter()
@@ -190,18 +215,31 @@ impl Recent {
             .map(|p| p.confidence)
             .filter(|c| c.is_finite())
             .collect();
+        let judged: Vec<(f64, bool)> = self
+            .judged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|j| wanted(&j.label) && j.confidence.is_finite())
+            .map(|j| (j.confidence, j.correct))
+            .collect();
         let n = confidences.len();
         let curve = (50..=100)
             .map(|i| {
                 let threshold = i as f64 / 100.0;
                 let below = confidences.iter().filter(|c| **c < threshold).count();
+                let accepted = judged.iter().filter(|(c, _)| *c >= threshold);
+                let (total, right) =
+                    accepted.fold((0, 0), |(t, r), (_, ok)| (t + 1, r + usize::from(*ok)));
                 CurvePoint {
                     threshold,
                     review_share: below as f64 / n.max(1) as f64,
+                    accepted_accuracy: (total > 0).then(|| right as f64 / total as f64),
+                    accepted_judged: total,
                 }
             })
             .collect();
-        (n, curve)
+        (n, judged.len(), curve)
     }
 }
 
@@ -298,8 +336,18 @@ mod tests {
             r.add(seen(1, "cat", c));
         }
         // The oldest fell out.
-        let (n, curve) = r.curve(|_| true);
-        assert_eq!(n, 3);
+        r.add_judged(Judgment {
+            label: "cat".into(),
+            confidence: 0.95,
+            correct: true,
+        });
+        r.add_judged(Judgment {
+            label: "cat".into(),
+            confidence: 0.8,
+            correct: false,
+        });
+        let (n, judged, curve) = r.curve(|_| true);
+        assert_eq!((n, judged), (3, 2));
         let at = |t: f64| {
             curve
                 .iter()
@@ -311,5 +359,18 @@ mod tests {
         assert!((at(0.81) - 2.0 / 3.0).abs() < 1e-9);
         assert_eq!(at(1.0), 1.0);
         assert_eq!(r.curve(|l| l == "dog").0, 0);
+        // Accepted at 0.8: one right, one wrong; at 0.9 only the right one.
+        let point = |t: f64| {
+            curve
+                .iter()
+                .find(|p| (p.threshold - t).abs() < 1e-9)
+                .unwrap()
+        };
+        assert_eq!(
+            (point(0.8).accepted_accuracy, point(0.8).accepted_judged),
+            (Some(0.5), 2)
+        );
+        assert_eq!(point(0.9).accepted_accuracy, Some(1.0));
+        assert_eq!(point(1.0).accepted_accuracy, None);
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
+use crate::pipeline::recent::{Judgment, Recent};
 use crate::record::{Decision, Prediction};
 
 /// Predictions kept for joining, at most (about 500 bytes each with their
@@ -41,15 +42,17 @@ pub enum Joined {
 #[derive(Debug, Clone)]
 struct Kept {
     label: String,
+    confidence: f64,
     review: bool,
     judged: bool,
 }
 
 /// A judged prediction: its predicted and true label, and whether it was
 /// sent to review.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Judged {
     pub predicted: String,
+    pub confidence: f64,
     pub actual: String,
     pub review: bool,
 }
@@ -82,7 +85,15 @@ impl Truth {
     }
 
     /// A prediction made here.
-    pub fn predicted(&mut self, id: &str, event_id: String, label: &str, review: bool, at_ms: i64) {
+    pub fn predicted(
+        &mut self,
+        id: &str,
+        event_id: String,
+        label: &str,
+        confidence: f64,
+        review: bool,
+        at_ms: i64,
+    ) {
         self.expire(at_ms);
         if self.kept.contains_key(id) {
             return;
@@ -96,6 +107,7 @@ impl Truth {
             id.to_string(),
             Kept {
                 label: label.to_string(),
+                confidence,
                 review,
                 judged: false,
             },
@@ -158,6 +170,7 @@ impl Truth {
                 k.judged = true;
                 let judged = Judged {
                     predicted: k.label.clone(),
+                    confidence: k.confidence,
                     actual: actual.to_string(),
                     review: k.review,
                 };
@@ -191,15 +204,24 @@ pub struct GroundTruth {
     matrix: Mutex<BTreeMap<(String, String), u64>>,
     labels: Vec<String>,
     metrics: Arc<Metrics>,
+    /// The console's recent predictions, told of each judged one (for the
+    /// accuracy each threshold would accept).
+    recent: Option<Arc<Recent>>,
 }
 
 impl GroundTruth {
-    pub fn new(window: Duration, labels: &[String], metrics: Arc<Metrics>) -> Arc<GroundTruth> {
+    pub fn new(
+        window: Duration,
+        labels: &[String],
+        metrics: Arc<Metrics>,
+        recent: Option<Arc<Recent>>,
+    ) -> Arc<GroundTruth> {
         Arc::new(GroundTruth {
             truth: Mutex::new(Truth::new(window)),
             matrix: Mutex::new(BTreeMap::new()),
             labels: labels.to_vec(),
             metrics,
+            recent,
         })
     }
 
@@ -215,6 +237,7 @@ impl GroundTruth {
             &p.id,
             event_id,
             &p.label,
+            p.confidence,
             p.decision == Decision::Review,
             now_ms(),
         );
@@ -252,6 +275,13 @@ impl GroundTruth {
             .inc();
         if let Some(j) = judged {
             self.count(&j);
+            if let Some(recent) = &self.recent {
+                recent.add_judged(Judgment {
+                    label: j.predicted.clone(),
+                    confidence: j.confidence,
+                    correct: j.predicted == j.actual,
+                });
+            }
         }
         joined
     }
@@ -346,7 +376,7 @@ impl GroundTruth {
                     crate::clients::kafka::assign_all(
                         &c,
                         &topic,
-                        rdkafka::Offset::End,
+                        |_| rdkafka::Offset::End,
                         "monitor.ground_truth_topic",
                     )?;
                     Ok(c)
@@ -417,14 +447,15 @@ mod tests {
     #[test]
     fn labels_within_the_window_are_judged_once_and_later_ones_are_late() {
         let mut t = Truth::new(Duration::from_secs(60));
-        t.predicted("u/a@1", "ev-a".into(), "cat", false, 0);
-        t.predicted("u/b@1", "ev-b".into(), "dog", true, 0);
+        t.predicted("u/a@1", "ev-a".into(), "cat", 0.9, false, 0);
+        t.predicted("u/b@1", "ev-b".into(), "dog", 0.6, true, 0);
         assert_eq!(
             t.label("u/a@1", "cat", 1_000),
             (
                 Joined::Matched { correct: true },
                 Some(Judged {
                     predicted: "cat".into(),
+                    confidence: 0.9,
                     actual: "cat".into(),
                     review: false
                 })
@@ -436,7 +467,7 @@ mod tests {
             t.label("ev-b", "cat", 3_000).0,
             Joined::Matched { correct: false }
         );
-        t.predicted("u/c@1", "ev-c".into(), "cat", false, 10_000);
+        t.predicted("u/c@1", "ev-c".into(), "cat", 0.9, false, 10_000);
         assert_eq!(t.label("u/c@1", "cat", 71_000).0, Joined::Late);
         assert_eq!(t.label("u/zz@1", "cat", 71_000).0, Joined::NotHere);
         assert_eq!(t.kept(), 0);
@@ -446,7 +477,7 @@ mod tests {
     fn memory_is_bounded_whatever_the_rate() {
         let mut t = Truth::new(Duration::from_secs(3600));
         for i in 0..MAX_KEPT + 10 {
-            t.predicted(&format!("id{i}"), format!("ev{i}"), "cat", false, 0);
+            t.predicted(&format!("id{i}"), format!("ev{i}"), "cat", 0.9, false, 0);
         }
         assert_eq!(t.kept(), MAX_KEPT);
         // The early-expired ones are late, the kept ones not.
@@ -472,7 +503,13 @@ mod tests {
     fn accuracy_precision_and_recall_follow_the_matrix() {
         let metrics = Arc::new(Metrics::new().unwrap());
         let labels = ["cat".to_string(), "dog".to_string()];
-        let g = GroundTruth::new(Duration::from_secs(60), &labels, metrics.clone());
+        let recent = Arc::new(Recent::new(10, 0));
+        let g = GroundTruth::new(
+            Duration::from_secs(60),
+            &labels,
+            metrics.clone(),
+            Some(recent.clone()),
+        );
         for (i, (pred, actual)) in [
             ("cat", "cat"),
             ("cat", "dog"),
@@ -482,8 +519,14 @@ mod tests {
         .iter()
         .enumerate()
         {
-            g.truth()
-                .predicted(&format!("id{i}"), format!("ev{i}"), pred, false, now_ms());
+            g.truth().predicted(
+                &format!("id{i}"),
+                format!("ev{i}"),
+                pred,
+                0.9,
+                false,
+                now_ms(),
+            );
             let rec = format!(r#"{{"id": "id{i}", "label": "{actual}"}}"#);
             assert_eq!(
                 g.record(rec.as_bytes()),
@@ -499,5 +542,11 @@ mod tests {
             metrics.confusion.with_label_values(&["dog", "cat"]).get(),
             1
         );
+        // The console hears of each: 3 of the 4 accepted at 0.9 right.
+        let (_, judged, curve) = recent.curve(|_| true);
+        assert_eq!(judged, 4);
+        let at_09 = curve.iter().find(|p| p.threshold == 0.9).unwrap();
+        assert_eq!(at_09.accepted_accuracy, Some(0.75));
+        assert_eq!(curve.last().unwrap().accepted_accuracy, None);
     }
 }

@@ -525,6 +525,37 @@ impl Stack {
         got
     }
 
+    /// Every record on `topic` (of [`PARTITIONS`] partitions) now, as JSON.
+    pub async fn read_topic(&self, topic: &str) -> Vec<Out> {
+        let ends = self.ends(topic);
+        let consumer: StreamConsumer = client(&self.kafka.bootstrap_servers(), &unique("read"));
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("offset");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut next: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+        let mut out = Vec::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        while next.iter().any(|(p, n)| n < &ends[p]) {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{topic}: read to {next:?} of {ends:?}");
+            let Ok(m) = tokio::time::timeout(left, consumer.recv()).await else {
+                continue;
+            };
+            let m = m.expect("read record");
+            next.insert(m.partition(), m.offset() + 1);
+            out.push(Out {
+                topic: topic.to_string(),
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                value: serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                    .unwrap_or_else(|e| panic!("a record on {topic} is not JSON: {e}")),
+            });
+        }
+        out
+    }
+
     /// Produces raw records to `topic` with the given keys.
     pub async fn produce_to(&self, topic: &str, records: &[(String, Vec<u8>)]) {
         let sends = records.iter().map(|(key, payload)| {

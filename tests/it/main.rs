@@ -14,3 +14,4 @@ mod hostile;
 mod monitor;
 mod paths;
 mod pipeline;
+mod webdriver;

@@ -451,7 +451,7 @@ async fn a_ground_truth_read_resumes_after_its_last_whole_line() {
         .unwrap();
     let metrics = std::sync::Arc::new(inferstream::metrics::Metrics::new().unwrap());
     let labels = ["bicycle".to_string(), "motorcycle".to_string()];
-    let truth = GroundTruth::new(Duration::from_secs(60), &labels, metrics.clone());
+    let truth = GroundTruth::new(Duration::from_secs(60), &labels, metrics.clone(), None);
     let o = Listed {
         key: "t/labels.jsonl".into(),
         modified_ms: 0,
