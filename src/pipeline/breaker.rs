@@ -10,7 +10,13 @@
 //!
 //! A systemic failure (credentials refused, the endpoint unknown) opens it
 //! at once ([`Breaker::trip`]): one such answer says every call would fail.
+//!
+//! A call whose probe failed steps aside ([`Breaker::pass_over`]): while
+//! another call waits, that one probes next. Otherwise one image the model
+//! cannot take, probing before anything has succeeded, could take every
+//! probe for ever and the images behind it would never be tried.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +37,19 @@ pub struct Breaker {
     open_initial: Duration,
     open_max: Duration,
     on_change: Box<dyn Fn(bool) + Send + Sync>,
+    /// Calls waiting in `admit`.
+    waiting: AtomicUsize,
+    /// The call whose probe failed last: it lets a waiting call probe next.
+    passed_over: Mutex<Option<u64>>,
+}
+
+/// Counts a call as waiting while it is in `admit`.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What [`Breaker::admit`] allowed.
@@ -58,6 +77,8 @@ impl Breaker {
             open_initial,
             open_max: open_max.max(open_initial),
             on_change: Box::new(on_change),
+            waiting: AtomicUsize::new(0),
+            passed_over: Mutex::new(None),
         })
     }
 
@@ -71,6 +92,14 @@ impl Breaker {
 
     /// Waits until a call may go through.
     pub async fn admit(&self) -> Admission {
+        self.admit_as(u64::MAX).await
+    }
+
+    /// As [`Breaker::admit`] for the call `caller` (see
+    /// [`Breaker::pass_over`]).
+    pub async fn admit_as(&self, caller: u64) -> Admission {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -80,8 +109,16 @@ impl Breaker {
                 match *st {
                     State::Closed { .. } => return Admission::Normal,
                     State::Open { until, period } if Instant::now() >= until => {
-                        *st = State::HalfOpen { period };
-                        return Admission::Probe;
+                        let mut passed = self.passed_over.lock().unwrap_or_else(|p| p.into_inner());
+                        if *passed == Some(caller) && self.waiting.load(Ordering::SeqCst) > 1 {
+                            // Another call waits: it probes this time; this
+                            // one waits for the outcome.
+                            None
+                        } else {
+                            *passed = None;
+                            *st = State::HalfOpen { period };
+                            return Admission::Probe;
+                        }
                     }
                     State::Open { until, .. } => Some(until),
                     State::HalfOpen { .. } => None,
@@ -97,6 +134,12 @@ impl Breaker {
                 None => notified.await,
             }
         }
+    }
+
+    /// The probe of `caller` failed and it will try again: a call waiting
+    /// meanwhile gets the next probe.
+    pub fn pass_over(&self, caller: u64) {
+        *self.passed_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(caller);
     }
 
     /// The endpoint answered (even with a rejection): close.
@@ -238,6 +281,35 @@ mod tests {
         b.success();
         assert!(!open.load(Ordering::Relaxed));
         assert_eq!(b.admit().await, Admission::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_probe_failed_lets_a_waiting_call_probe_next() {
+        let (b, _) = breaker();
+        for _ in 0..3 {
+            b.failure(Admission::Normal);
+        }
+        // Call 1 probes and fails (an image the model cannot take).
+        assert_eq!(b.admit_as(1).await, Admission::Probe);
+        b.failure(Admission::Probe);
+        b.pass_over(1);
+        // Call 2 waits too: it gets the next probe, call 1 waits for it.
+        let b1 = b.clone();
+        let one = tokio::spawn(async move { b1.admit_as(1).await });
+        let b2 = b.clone();
+        let two = tokio::spawn(async move { b2.admit_as(2).await });
+        assert_eq!(two.await.unwrap(), Admission::Probe);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!one.is_finished(), "call 1 took a second probe");
+        // Call 2's image is fine: closed, call 1 goes through normally.
+        b.success();
+        assert_eq!(one.await.unwrap(), Admission::Normal);
+        // Alone, a passed-over call still probes.
+        for _ in 0..3 {
+            b.failure(Admission::Normal);
+        }
+        b.pass_over(1);
+        assert_eq!(b.admit_as(1).await, Admission::Probe);
     }
 
     #[tokio::test(start_paused = true)]

@@ -90,6 +90,9 @@ struct Canary {
 const MAX_CANARY_BYTES: usize = 256 * 1024;
 /// How long a canary is kept before a newer success replaces it.
 const CANARY_REFRESH: Duration = Duration::from_secs(60);
+/// Numbers the calls, for the breaker to tell them apart.
+static NEXT_CALLER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Attempts per call when bisecting a batch that kept failing.
 const BISECT_ATTEMPTS: u32 = 2;
 
@@ -407,8 +410,9 @@ impl Inferrer {
         let cfg = &self.config;
         let mut attempts = 0u32;
         let mut first = Some(make_body());
+        let caller = NEXT_CALLER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
-            let admission = self.breaker.admit().await;
+            let admission = self.breaker.admit_as(caller).await;
             if admission == Admission::Probe {
                 if let Some(canary) = self.canary() {
                     match self.send(canary.body.to_vec(), &canary.content_type).await {
@@ -453,7 +457,13 @@ impl Inferrer {
                     return Err(CallError::ProbeFailed(detail));
                 }
                 // The endpoint is down for everyone: wait for the circuit
-                // to close rather than spend this image's attempts.
+                // to close rather than spend this image's attempts. A
+                // failed probe lets a waiting image probe next: before
+                // anything succeeded (no canary) this image may be the
+                // cause, and must not take every probe for ever.
+                if admission == Admission::Probe {
+                    self.breaker.pass_over(caller);
+                }
                 tracing::debug!(kind, %detail, "invoke endpoint failed; circuit open, waiting");
                 continue;
             }
