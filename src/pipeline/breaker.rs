@@ -11,12 +11,14 @@
 //! A systemic failure (credentials refused, the endpoint unknown) opens it
 //! at once ([`Breaker::trip`]): one such answer says every call would fail.
 //!
-//! A call whose probe failed steps aside ([`Breaker::pass_over`]): while
-//! another call waits, that one probes next. Otherwise one image the model
-//! cannot take, probing before anything has succeeded, could take every
-//! probe for ever and the images behind it would never be tried.
+//! A call whose probe failed steps aside ([`Breaker::pass_over`]): while a
+//! call waits whose probe has not failed, that one probes next. Otherwise
+//! images the model cannot take, probing before anything has succeeded,
+//! could take every probe for ever and the images behind them would never
+//! be tried. When every waiting call has failed a probe (an outage), one of
+//! them probes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,18 +39,42 @@ pub struct Breaker {
     open_initial: Duration,
     open_max: Duration,
     on_change: Box<dyn Fn(bool) + Send + Sync>,
-    /// Calls waiting in `admit`.
-    waiting: AtomicUsize,
-    /// The call whose probe failed last: it lets a waiting call probe next.
-    passed_over: Mutex<Option<u64>>,
+    /// Who waits, and whose probes failed since the last success.
+    turns: Mutex<Turns>,
 }
 
-/// Counts a call as waiting while it is in `admit`.
-struct Waiting<'a>(&'a AtomicUsize);
+#[derive(Default)]
+struct Turns {
+    /// Calls waiting in `admit`, by caller (how many under each id).
+    waiting: HashMap<u64, usize>,
+    /// Calls whose probe failed since the last success.
+    passed_over: HashSet<u64>,
+}
+
+/// Failed probers remembered at most (a call that ended leaves its id
+/// until the next success).
+const MAX_PASSED_OVER: usize = 10_000;
+
+/// Counts a call as waiting while it is in `admit`; when it leaves, the
+/// others look again (it may have been the one a passed-over call waited
+/// for).
+struct Waiting<'a> {
+    breaker: &'a Breaker,
+    caller: u64,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        {
+            let mut turns = self.breaker.turns();
+            if let Some(n) = turns.waiting.get_mut(&self.caller) {
+                *n -= 1;
+                if *n == 0 {
+                    turns.waiting.remove(&self.caller);
+                }
+            }
+        }
+        self.breaker.changed.notify_waiters();
     }
 }
 
@@ -77,13 +103,16 @@ impl Breaker {
             open_initial,
             open_max: open_max.max(open_initial),
             on_change: Box::new(on_change),
-            waiting: AtomicUsize::new(0),
-            passed_over: Mutex::new(None),
+            turns: Mutex::new(Turns::default()),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn turns(&self) -> std::sync::MutexGuard<'_, Turns> {
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn is_closed(&self) -> bool {
@@ -98,8 +127,11 @@ impl Breaker {
     /// As [`Breaker::admit`] for the call `caller` (see
     /// [`Breaker::pass_over`]).
     pub async fn admit_as(&self, caller: u64) -> Admission {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
+        *self.turns().waiting.entry(caller).or_default() += 1;
+        let _waiting = Waiting {
+            breaker: self,
+            caller,
+        };
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -109,13 +141,17 @@ impl Breaker {
                 match *st {
                     State::Closed { .. } => return Admission::Normal,
                     State::Open { until, period } if Instant::now() >= until => {
-                        let mut passed = self.passed_over.lock().unwrap_or_else(|p| p.into_inner());
-                        if *passed == Some(caller) && self.waiting.load(Ordering::SeqCst) > 1 {
-                            // Another call waits: it probes this time; this
-                            // one waits for the outcome.
-                            None
+                        let turns = self.turns();
+                        let fresh_waits = turns
+                            .waiting
+                            .keys()
+                            .any(|c| *c != caller && !turns.passed_over.contains(c));
+                        if turns.passed_over.contains(&caller) && fresh_waits {
+                            // A call whose probe has not failed waits: it
+                            // probes this time. Looked at again after a
+                            // period at the latest.
+                            Some(Instant::now() + self.open_initial)
                         } else {
-                            *passed = None;
                             *st = State::HalfOpen { period };
                             return Admission::Probe;
                         }
@@ -136,10 +172,14 @@ impl Breaker {
         }
     }
 
-    /// The probe of `caller` failed and it will try again: a call waiting
-    /// meanwhile gets the next probe.
+    /// The probe of `caller` failed and it will try again: calls waiting
+    /// whose probes have not failed go first.
     pub fn pass_over(&self, caller: u64) {
-        *self.passed_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(caller);
+        let mut turns = self.turns();
+        if turns.passed_over.len() >= MAX_PASSED_OVER {
+            turns.passed_over.clear();
+        }
+        turns.passed_over.insert(caller);
     }
 
     /// The endpoint answered (even with a rejection): close.
@@ -150,6 +190,7 @@ impl Breaker {
             *st = State::Closed { failures: 0 };
             was
         };
+        self.turns().passed_over.clear();
         if !was_closed {
             tracing::info!("endpoint answered again; circuit closed");
             (self.on_change)(false);
@@ -283,33 +324,70 @@ mod tests {
         assert_eq!(b.admit().await, Admission::Normal);
     }
 
+    /// A call that probes until it gets through: a `bad` one fails every
+    /// probe (an image the model cannot take), a good one closes the
+    /// breaker with its first.
+    async fn call(b: Arc<Breaker>, id: u64, bad: bool) -> u64 {
+        loop {
+            if b.admit_as(id).await == Admission::Probe {
+                if bad {
+                    b.failure(Admission::Probe);
+                    b.pass_over(id);
+                    continue;
+                }
+                b.success();
+            }
+            return id;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_call_whose_probe_failed_lets_a_waiting_call_probe_next() {
+    async fn calls_whose_probes_failed_let_a_waiting_call_probe_next() {
         let (b, _) = breaker();
         for _ in 0..3 {
             b.failure(Admission::Normal);
         }
-        // Call 1 probes and fails (an image the model cannot take).
-        assert_eq!(b.admit_as(1).await, Admission::Probe);
-        b.failure(Admission::Probe);
-        b.pass_over(1);
-        // Call 2 waits too: it gets the next probe, call 1 waits for it.
-        let b1 = b.clone();
-        let one = tokio::spawn(async move { b1.admit_as(1).await });
-        let b2 = b.clone();
-        let two = tokio::spawn(async move { b2.admit_as(2).await });
-        assert_eq!(two.await.unwrap(), Admission::Probe);
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(!one.is_finished(), "call 1 took a second probe");
-        // Call 2's image is fine: closed, call 1 goes through normally.
-        b.success();
-        assert_eq!(one.await.unwrap(), Admission::Normal);
-        // Alone, a passed-over call still probes.
+        // Two images the model cannot take wait first, in one task (as
+        // bisection's halves do), then a good one: it gets a probe.
+        let done = tokio::time::timeout(Duration::from_secs(600), async {
+            futures::join!(
+                call(b.clone(), 1, true),
+                call(b.clone(), 2, true),
+                call(b.clone(), 3, false)
+            )
+        })
+        .await;
+        assert_eq!(done.ok(), Some((1, 2, 3)), "the good call never probed");
+        assert!(b.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alone_a_call_whose_probe_failed_still_probes() {
+        let (b, _) = breaker();
         for _ in 0..3 {
             b.failure(Admission::Normal);
         }
         b.pass_over(1);
-        assert_eq!(b.admit_as(1).await, Admission::Probe);
+        let got = tokio::time::timeout(Duration::from_secs(60), b.admit_as(1)).await;
+        assert_eq!(got.ok(), Some(Admission::Probe));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_stepped_aside_probes_when_the_other_leaves() {
+        let (b, _) = breaker();
+        for _ in 0..3 {
+            b.failure(Admission::Normal);
+        }
+        b.pass_over(1);
+        // Another call waits, then goes away before the period ends.
+        let mut other = Box::pin(b.admit_as(2));
+        assert!(futures::poll!(other.as_mut()).is_pending());
+        let b1 = b.clone();
+        let first = tokio::spawn(async move { b1.admit_as(1).await });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(other);
+        let got = tokio::time::timeout(Duration::from_secs(60), first).await;
+        assert_eq!(got.ok().and_then(Result::ok), Some(Admission::Probe));
     }
 
     #[tokio::test(start_paused = true)]
