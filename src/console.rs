@@ -325,15 +325,9 @@ async fn review_label(
         )
             .into_response();
     }
-    let answer: Answer = match serde_json::from_slice(&body) {
+    let answer: Answer = match parsed(&body, r#"{"id": "…", "label": "…"}"#) {
         Ok(a) => a,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"id\": \"…\", \"label\": \"…\"}}: {e}\n"),
-            )
-                .into_response()
-        }
+        Err(refused) => return *refused,
     };
     if !c.labels.contains(&answer.label) {
         return (
@@ -423,6 +417,19 @@ struct Change {
     based_on: Option<String>,
 }
 
+/// A JSON request body, or the 400 answer naming what was `expected`.
+fn parsed<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("expected {expected}: {e}\n"),
+            )
+                .into_response(),
+        )
+    })
+}
+
 /// None when `headers` carry the token, else the 403 answer (and a
 /// warning that `what` was refused).
 fn refused(headers: &HeaderMap, token: &str, what: &str) -> Option<Response> {
@@ -457,15 +464,12 @@ async fn change(State(c): State<Console>, headers: HeaderMap, body: axum::body::
     if let Some(refused) = refused(&headers, &c.token, "a change") {
         return refused;
     }
-    let asked: Change = match serde_json::from_slice(&body) {
+    let asked: Change = match parsed(
+        &body,
+        r#"{"threshold": 0.9, "label_thresholds": {…}, "by": "…"}"#,
+    ) {
         Ok(a) => a,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"threshold\": 0.9, \"label_thresholds\": {{…}}, \"by\": \"…\"}}: {e}\n"),
-            )
-                .into_response()
-        }
+        Err(refused) => return *refused,
     };
     if let Some(base) = &asked.based_on {
         if let Err(e) = read_to_the_end(&c).await {

@@ -223,24 +223,34 @@ impl Recent {
             .filter(|j| wanted(&j.label) && j.confidence.is_finite())
             .map(|j| (j.confidence, j.correct))
             .collect();
-        let n = confidences.len();
-        let curve = (50..=100)
-            .map(|i| {
-                let threshold = i as f64 / 100.0;
-                let below = confidences.iter().filter(|c| **c < threshold).count();
-                let accepted = judged.iter().filter(|(c, _)| *c >= threshold);
-                let (total, right) =
-                    accepted.fold((0, 0), |(t, r), (_, ok)| (t + 1, r + usize::from(*ok)));
-                CurvePoint {
-                    threshold,
-                    review_share: below as f64 / n.max(1) as f64,
-                    accepted_accuracy: (total > 0).then(|| right as f64 / total as f64),
-                    accepted_judged: total,
-                }
-            })
-            .collect();
-        (n, judged.len(), curve)
+        let thresholds = (50..=100).map(|i| i as f64 / 100.0);
+        let curve = curve_of(&confidences, &judged, thresholds);
+        (confidences.len(), judged.len(), curve)
     }
+}
+
+/// For each threshold: the share of `confidences` below it (to review),
+/// and of `judged` (confidence, right) the share right of those at or
+/// above it (accepted). The console's curve and the report's.
+pub fn curve_of(
+    confidences: &[f64],
+    judged: &[(f64, bool)],
+    thresholds: impl Iterator<Item = f64>,
+) -> Vec<CurvePoint> {
+    thresholds
+        .map(|threshold| {
+            let below = confidences.iter().filter(|c| **c < threshold).count();
+            let accepted = judged.iter().filter(|(c, _)| *c >= threshold);
+            let (total, right) =
+                accepted.fold((0, 0), |(t, r), (_, ok)| (t + 1, r + usize::from(*ok)));
+            CurvePoint {
+                threshold,
+                review_share: below as f64 / confidences.len().max(1) as f64,
+                accepted_accuracy: (total > 0).then(|| right as f64 / total as f64),
+                accepted_judged: total,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -489,19 +489,16 @@ pub fn threshold_curve(points: &[Point], lowest: f64) -> Vec<(f64, Option<f64>, 
     } else {
         0.0
     };
-    let points: Vec<&Point> = points.iter().filter(|p| p.confidence.is_finite()).collect();
+    let finite = || points.iter().filter(|p| p.confidence.is_finite());
+    let confidences: Vec<f64> = finite().map(|p| p.confidence).collect();
+    let judged: Vec<(f64, bool)> = finite()
+        .filter_map(|p| Some((p.confidence, *p.actual.as_ref()? == p.label)))
+        .collect();
     let steps = ((1.0 - lowest) / 0.005).round() as usize;
-    (0..=steps)
-        .map(|i| {
-            let t = lowest + i as f64 * 0.005;
-            let (acc, n) = accuracy(points.iter().copied().filter(|p| p.confidence >= t));
-            let review = points.iter().filter(|p| p.confidence < t).count();
-            (
-                t,
-                (n > 0).then_some(acc),
-                review as f64 / points.len().max(1) as f64,
-            )
-        })
+    let thresholds = (0..=steps).map(|i| lowest + i as f64 * 0.005);
+    crate::pipeline::recent::curve_of(&confidences, &judged, thresholds)
+        .into_iter()
+        .map(|p| (p.threshold, p.accepted_accuracy, p.review_share))
         .collect()
 }
 
