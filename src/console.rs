@@ -109,7 +109,11 @@ pub async fn serve(
         // Changes are small; a body is read before the token is checked.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state);
-    if let Err(e) = axum::serve(crate::http::Limited::new(listener), app)
+    // Idle longer than the slowest answer: an image waits up to
+    // fetch.timeout, a change with based_on about 25 s.
+    let idle = config.fetch.timeout + crate::http::IDLE;
+    let limited = crate::http::Limited::new(listener, Some(crate::http::MAX_CONNECTIONS), idle);
+    if let Err(e) = axum::serve(limited, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {

@@ -34,7 +34,9 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, ready });
-    if let Err(e) = axum::serve(Limited::new(listener), app)
+    // No cap on connections here: liveness probes must get through
+    // whatever other clients hold; idle ones are still closed.
+    if let Err(e) = axum::serve(Limited::new(listener, None, IDLE), app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
     {
@@ -63,27 +65,31 @@ async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Connections an HTTP server of the service holds at once, at most; the
-/// next wait to be accepted.
+/// Connections the console holds at once, at most; the next wait to be
+/// accepted.
 pub const MAX_CONNECTIONS: usize = 64;
-/// A connection with no byte read or written for this long is closed
-/// (hyper, as axum serves it, has no timeouts of its own).
+/// A connection of the metrics server with no byte read or written for
+/// this long is closed (hyper, as axum serves it, has no timeouts of its
+/// own). The console's is longer than its slowest answer.
 pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A listener that holds at most [`MAX_CONNECTIONS`] connections and
-/// closes those idle for [`IDLE`], so that clients which open connections
-/// and send nothing, or never read an answer, cannot hold memory or file
-/// descriptors for ever.
+/// A listener that holds at most `max` connections (if given) and closes
+/// those idle for `idle`, so that clients which open connections and send
+/// nothing, or never read an answer, cannot hold memory or file
+/// descriptors for ever. The idle clock runs during a request too: `idle`
+/// must exceed the slowest handler.
 pub struct Limited {
     listener: TcpListener,
-    permits: Arc<tokio::sync::Semaphore>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    idle: std::time::Duration,
 }
 
 impl Limited {
-    pub fn new(listener: TcpListener) -> Limited {
+    pub fn new(listener: TcpListener, max: Option<usize>, idle: std::time::Duration) -> Limited {
         Limited {
             listener,
-            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            permits: max.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+            idle,
         }
     }
 }
@@ -93,9 +99,13 @@ impl axum::serve::Listener for Limited {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Guarded, std::net::SocketAddr) {
-        // The semaphore is never closed.
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return std::future::pending().await;
+        let permit = match &self.permits {
+            Some(permits) => match permits.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                // The semaphore is never closed.
+                Err(_) => return std::future::pending().await,
+            },
+            None => None,
         };
         loop {
             match self.listener.accept().await {
@@ -103,7 +113,8 @@ impl axum::serve::Listener for Limited {
                     let guarded = Guarded {
                         io,
                         _permit: permit,
-                        idle: Box::pin(tokio::time::sleep(IDLE)),
+                        idle: Box::pin(tokio::time::sleep(self.idle)),
+                        idle_for: self.idle,
                     };
                     return (guarded, addr);
                 }
@@ -125,8 +136,9 @@ impl axum::serve::Listener for Limited {
 /// idle deadline, pushed back by every byte read or written.
 pub struct Guarded {
     io: tokio::net::TcpStream,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle_for: std::time::Duration,
 }
 
 impl Guarded {
@@ -141,7 +153,9 @@ impl Guarded {
         use std::task::Poll;
         match r {
             Poll::Ready(r) => {
-                self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                self.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.idle_for);
                 Poll::Ready(r)
             }
             Poll::Pending => match self.idle.as_mut().poll(cx) {

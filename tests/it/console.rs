@@ -43,6 +43,14 @@ async fn applied(service: &ServiceProc, threshold: f64) -> Duration {
 /// topic, read by the service), and a service with the console on a free
 /// port, token "s3cret"; the console's address.
 async fn console_stack(truth: bool) -> (Stack, ServiceProc, String) {
+    console_stack_with(truth, &[]).await
+}
+
+/// As [`console_stack`], with more `INFERSTREAM__…` overrides.
+async fn console_stack_with(
+    truth: bool,
+    extra: &[(&'static str, &'static str)],
+) -> (Stack, ServiceProc, String) {
     let stack = Stack::start(Faults::default()).await;
     stack
         .kafka
@@ -62,6 +70,7 @@ async fn console_stack(truth: bool) -> (Stack, ServiceProc, String) {
             .expect("create topic");
         env.push(("MONITOR__GROUND_TRUTH_TOPIC", "ground-truth"));
     }
+    env.extend_from_slice(extra);
     let service = stack.service(&env).await;
     (stack, service, console)
 }
@@ -735,7 +744,7 @@ async fn a_label_whose_reviewer_left_before_kafka_refused_it_can_be_given_again(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_send_nothing_or_too_much_cannot_hold_the_console() {
-    let (_stack, service, console) = console_stack(false).await;
+    let (_stack, service, console) = console_stack_with(false, &[("FETCH__TIMEOUT", "2s")]).await;
     // A body larger than any change is refused before it is read whole.
     let big = format!(r#"{{"threshold": 0.5, "by": "{}"}}"#, "x".repeat(20_000));
     let (status, _) = http_request(
@@ -748,8 +757,30 @@ async fn clients_that_send_nothing_or_too_much_cannot_hold_the_console() {
     .unwrap();
     assert_eq!(status, 413);
 
+    // Idle connections do not keep the metrics server from answering a
+    // liveness probe (it has no cap); they are closed after 30 s.
+    let mut held = Vec::new();
+    for _ in 0..70 {
+        held.push(
+            tokio::net::TcpStream::connect(service.metrics)
+                .await
+                .unwrap(),
+        );
+    }
+    let (status, _) = http_get(&service.url("/healthz")).await.unwrap();
+    assert_eq!(status, 200);
+    let mut buf = [0u8; 16];
+    for c in &held {
+        assert!(
+            matches!(c.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "an idle connection was closed before /healthz answered"
+        );
+    }
+    drop(held);
+
     // More idle connections than the console holds: each is closed after
-    // 30 s of silence, and a request made meanwhile is answered then.
+    // fetch.timeout + 30 s (32 s here) of silence, and a request made
+    // meanwhile is answered then.
     let started = Instant::now();
     let mut idle = Vec::new();
     for _ in 0..70 {
