@@ -4,6 +4,10 @@
 /// mimalloc instead of glibc's malloc: with large images glibc's per-thread
 /// arenas kept freed buffers and peak RSS grew past 200 MB (143 MB with one
 /// arena), and malloc/free were a sixth of the service's CPU profile
+/// (docs/BENCHMARKS.md). Built without transparent huge pages (`no_thp`):
+/// mimalloc asked for them on its arenas, and on hosts that grant them on
+/// request (THP `madvise`, Debian's default) each arena touched became
+/// 2 MiB pages: 10–30 MB more RSS, and photos classified at half the speed
 /// (docs/BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
