@@ -12,7 +12,7 @@ CHROMEDRIVER ?= /usr/bin/chromedriver
 TEST_ENV := MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER)
 SCREENSHOTS := $(CURDIR)/target/tmp/screenshots
 
-.PHONY: test soak bench venv browser screenshots lint fmt clean-venv
+.PHONY: test soak bench bench-backfill venv browser screenshots lint fmt clean-venv
 
 test: venv browser
 	$(TEST_ENV) $(CARGO) test --all-targets
@@ -34,6 +34,11 @@ soak: venv
 # scenario names or --quick: make bench ARGS="--quick 1-batch".
 bench:
 	$(CARGO) bench --bench throughput -- $(ARGS)
+
+# inferstream backfill over a million keys: objects/s and peak RSS;
+# ARGS="--keys N" for another size.
+bench-backfill:
+	$(CARGO) bench --bench backfill -- $(ARGS)
 
 # Re-created when the pin changes; the stamp file names the pinned version.
 venv: $(VENV)/.moto-$(MOTO_VERSION)

@@ -116,6 +116,8 @@ mod layout_tests {
         ("tools::events", 50),
         ("tools::report", 51),
         ("tools::baseline", 52),
+        ("tools::backfill", 52),
+        ("tools::redrive", 52),
         ("tools::demo", 52),
         ("lib", 100),
         ("main", 100),

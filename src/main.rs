@@ -22,7 +22,7 @@ use inferstream::app;
 use inferstream::config::RequestMode;
 use inferstream::tools::demo::{self, DemoOptions};
 use inferstream::tools::endpoint::{self, EndpointOptions, Failure, Faults};
-use inferstream::tools::{baseline, report};
+use inferstream::tools::{backfill, baseline, redrive, report};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +54,62 @@ enum Command {
     /// Run the whole pipeline on this machine with embedded Kafka, S3 and
     /// endpoint: upload sample images and watch them being classified.
     Demo(DemoArgs),
+    /// Classify objects already in S3: one upload event per object under
+    /// a prefix, produced to the input topic for the running service.
+    Backfill(BackfillArgs),
+    /// Send dead letters of chosen reasons back to the input topic, once
+    /// each (each reason remembers what it redrove).
+    Redrive(RedriveArgs),
+}
+
+#[derive(clap::Args)]
+struct RedriveArgs {
+    /// Only these reasons, comma-separated (e.g. not_an_image,object_too_large);
+    /// default: object_not_found, fetch_failed, endpoint_unavailable and
+    /// bad_endpoint_response.
+    #[arg(long, value_name = "LIST")]
+    reason: Option<String>,
+    /// Only dead letters that failed at or after this time (RFC 3339); the
+    /// older ones of the chosen reasons count as handled.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, value_name = "TIME")]
+    since: Option<std::time::SystemTime>,
+    /// Count by reason only; send nothing, remember nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct BackfillArgs {
+    /// What to backfill: s3://bucket/prefix (S3 settings from the
+    /// configuration's aws.s3 section, Kafka from its kafka section).
+    #[arg(value_name = "S3_URL")]
+    url: String,
+    /// Only objects last modified at or after this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, value_name = "TIME")]
+    since: Option<std::time::SystemTime>,
+    /// Only objects last modified before this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak, value_name = "TIME")]
+    until: Option<std::time::SystemTime>,
+    /// Only keys with one of these endings, comma-separated, any case
+    /// (e.g. .jpg,.png).
+    #[arg(long, value_name = "LIST")]
+    suffix: Option<String>,
+    /// Events per second at most, 0.001 to 1,000,000 (default: as fast as
+    /// Kafka takes them).
+    #[arg(long, value_name = "N", value_parser = positive_rate)]
+    rate: Option<f64>,
+    /// List and count (objects, bytes) only; produce nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted backfill from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Where the checkpoint is kept.
+    #[arg(long, default_value = "backfill.checkpoint.json", value_name = "FILE")]
+    checkpoint: PathBuf,
+    /// Keys listed per request (S3 answers at most 1,000).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    page_size: i32,
 }
 
 #[derive(clap::Args)]
@@ -189,6 +245,57 @@ fn main() -> ExitCode {
             baseline::command(config, &args.from, &args.out, args.start, args.end),
         ),
         Command::Demo(args) => app::block_on(0, demo::command(config, args.into())),
+        Command::Backfill(args) => app::block_on(0, backfill::command(config, args.into())),
+        Command::Redrive(args) => app::block_on(
+            0,
+            redrive::command(
+                config,
+                redrive::Options {
+                    reasons: args
+                        .reason
+                        .as_deref()
+                        // Given but empty (an unset shell variable): refused, not the default.
+                        .map(|r| r.split(',').map(|s| s.trim().to_string()).collect())
+                        .unwrap_or_default(),
+                    since: args.since,
+                    dry_run: args.dry_run,
+                },
+            ),
+        ),
+    }
+}
+
+/// `--rate`: events per second, from 0.001 to 1,000,000.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of events per second"))?;
+    if (0.001..=1e6).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{s} is not between 0.001 and 1000000 events per second; leave --rate out for no limit"
+        ))
+    }
+}
+
+impl From<BackfillArgs> for backfill::Options {
+    fn from(args: BackfillArgs) -> backfill::Options {
+        backfill::Options {
+            url: args.url,
+            since: args.since,
+            until: args.until,
+            suffixes: args
+                .suffix
+                .as_deref()
+                .map(backfill::parse_suffixes)
+                .unwrap_or_default(),
+            rate: args.rate,
+            dry_run: args.dry_run,
+            resume: args.resume,
+            checkpoint: args.checkpoint,
+            page_size: args.page_size,
+        }
     }
 }
 

@@ -1390,6 +1390,7 @@ fn prediction(
             total: ms(consumed.elapsed()),
         },
         source,
+        backfill: image.backfill,
     }
 }
 

@@ -111,6 +111,10 @@ pub struct Latency {
     pub total: f64,
 }
 
+/// The `configurationId` of the S3 notifications `inferstream backfill`
+/// produces: their predictions say `"backfill": true`.
+pub const BACKFILL_CONFIGURATION_ID: &str = "inferstream-backfill";
+
 /// A prediction on the results (accepted) or review topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
@@ -133,6 +137,9 @@ pub struct Prediction {
     pub processed_at: String,
     pub latency_ms: Latency,
     pub source: SourceRef,
+    /// Announced by `inferstream backfill`, not by an upload.
+    #[serde(default)]
+    pub backfill: bool,
 }
 
 /// A dead-letter record.

@@ -130,6 +130,24 @@ pub async fn leave_subscription<C>(
     }
 }
 
+/// How many partitions `topic` has (an error naming `key` when it does not
+/// exist). Blocking (metadata): call it off the runtime.
+pub fn partition_count<X, C>(consumer: &X, topic: &str, key: &str) -> Result<usize, String>
+where
+    X: rdkafka::consumer::Consumer<C>,
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    let md = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .map_err(|e| format!("{key} `{topic}`: {e}"))?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{key} `{topic}` does not exist"))
+}
+
 /// Assigns every partition `p` of `topic` to `consumer` from `offset(p)`, and
 /// returns how many there are; `key` names the setting in errors.
 /// Blocking (metadata): call it off the runtime.
@@ -143,16 +161,7 @@ where
     X: rdkafka::consumer::Consumer<C>,
     C: rdkafka::consumer::ConsumerContext + 'static,
 {
-    let md = consumer
-        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{key} `{topic}` does not exist"))?;
+    let partitions = partition_count(consumer, topic, key)?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p as i32, offset(p as i32))

@@ -33,6 +33,9 @@ pub struct ImageRef {
     pub etag: Option<String>,
     pub version_id: Option<String>,
     pub event_time: Option<String>,
+    /// Announced by `inferstream backfill` (its S3 notifications'
+    /// `configurationId`).
+    pub backfill: bool,
 }
 
 impl ImageRef {
@@ -273,6 +276,8 @@ fn decode_s3_record(record: &Value) -> Outcome {
                 .or_else(|| opt_str(record, &["s3", "object", "etag"])),
             version_id: opt_str(record, &["s3", "object", "versionId"]),
             event_time: opt_str(record, &["eventTime"]),
+            backfill: opt_str(record, &["s3", "configurationId"]).as_deref()
+                == Some(crate::record::BACKFILL_CONFIGURATION_ID),
         }))
     };
     match attempt() {
@@ -305,6 +310,7 @@ fn decode_eventbridge(obj: &serde_json::Map<String, Value>) -> Outcome {
         etag: opt_str(&v, &["detail", "object", "etag"]),
         version_id: opt_str(&v, &["detail", "object", "version-id"]),
         event_time: opt_str(&v, &["time"]),
+        backfill: false,
     })
 }
 
@@ -459,6 +465,7 @@ mod tests {
             etag: Some("\"abc\"".into()),
             version_id: None,
             event_time: None,
+            backfill: false,
         };
         assert_eq!(img.id(None), "uploads/bikes/img 1.png@abc");
         img.version_id = Some("v1".into());

@@ -301,6 +301,7 @@ mod tests {
             endpoint: "image-classifier".into(),
             variant: None,
             event_time: None,
+            backfill: false,
             processed_at: "now".into(),
             latency_ms: Latency {
                 fetch: 1.0,

@@ -131,6 +131,55 @@ pub fn s3_event_at(
     json!({"Records": [rec]}).to_string().into_bytes()
 }
 
+/// One object that a made-up notification announces (backfill, redrive).
+#[derive(Debug, Clone, Copy)]
+pub struct Announced<'a> {
+    pub bucket: &'a str,
+    /// The real (decoded) key.
+    pub key: &'a str,
+    pub size: Option<u64>,
+    /// With or without the quotes ListObjectsV2 gives it.
+    pub etag: Option<&'a str>,
+    pub version_id: Option<&'a str>,
+    /// RFC 3339, or empty.
+    pub time: &'a str,
+    /// Tells the service who made it (`inferstream-backfill`, ...).
+    pub configuration_id: &'a str,
+}
+
+/// An S3 notification (`ObjectCreated:Put`, one record) of `a`, shaped as
+/// S3 makes them: the key form-URL-encoded, the eTag without quotes.
+pub fn announce(a: &Announced) -> Vec<u8> {
+    let mut object = json!({"key": s3_encode(a.key)});
+    if let Some(size) = a.size {
+        object["size"] = json!(size);
+    }
+    if let Some(etag) = a
+        .etag
+        .map(|e| e.trim_matches('"'))
+        .filter(|e| !e.is_empty())
+    {
+        object["eTag"] = json!(etag);
+    }
+    if let Some(v) = a.version_id.filter(|v| !v.is_empty()) {
+        object["versionId"] = json!(v);
+    }
+    json!({"Records": [{
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "eventTime": a.time,
+        "eventName": "ObjectCreated:Put",
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": a.configuration_id,
+            "bucket": {"name": a.bucket, "arn": format!("arn:aws:s3:::{}", a.bucket)},
+            "object": object
+        }
+    }]})
+    .to_string()
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
