@@ -26,10 +26,9 @@ use tokio_util::sync::CancellationToken;
 const BUCKET: &str = "uploads";
 const INPUT: &str = "s3-events";
 const PARTITIONS: i32 = 16;
-const KEY: &str = "INFERSTREAMBENCH";
-const SECRET: &str = "inferstream-bench-secret";
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::{serve_s3, Res, KEY, SECRET};
 
 /// A bucket of `keys` objects `photos/NNNNNNN.jpg`, listed in key order.
 #[derive(Clone)]
@@ -105,37 +104,6 @@ impl S3 for Listing {
             ..Default::default()
         }))
     }
-}
-
-async fn serve_s3(listing: Listing, stop: CancellationToken) -> Res<SocketAddr> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder as ConnBuilder;
-
-    let mut builder = s3s::service::S3ServiceBuilder::new(listing);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let http = ConnBuilder::new(TokioExecutor::new());
-        loop {
-            let socket = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(_) => continue,
-                },
-                _ = stop.cancelled() => break,
-            };
-            let _ = socket.set_nodelay(true);
-            let conn = http
-                .serve_connection(TokioIo::new(socket), service.clone())
-                .into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// What one run of the binary took.

@@ -46,11 +46,10 @@ const DEAD: &str = "inferstream-dead-letter";
 /// partition and deletes older messages, as retention would: 64 partitions
 /// hold the 200,000-event backlog (about 1 KB each) and its outputs.
 const PARTITIONS: i32 = 64;
-const KEY: &str = "INFERSTREAMBENCH";
-const SECRET: &str = "inferstream-bench-secret";
 const LABELS: usize = 2;
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::{serve_s3, Res, KEY, SECRET};
 
 fn fail<T>(msg: impl Into<String>) -> Res<T> {
     Err(msg.into().into())
@@ -302,37 +301,6 @@ impl S3 for BenchS3 {
         };
         Ok(S3Response::new(output))
     }
-}
-
-async fn serve_s3(store: Arc<ImageStore>, stop: CancellationToken) -> Res<SocketAddr> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder as ConnBuilder;
-
-    let mut builder = s3s::service::S3ServiceBuilder::new(BenchS3(store));
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let http = ConnBuilder::new(TokioExecutor::new());
-        loop {
-            let socket = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(_) => continue,
-                },
-                _ = stop.cancelled() => break,
-            };
-            let _ = socket.set_nodelay(true);
-            let conn = http
-                .serve_connection(TokioIo::new(socket), service.clone())
-                .into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
-    Ok(addr)
 }
 
 // ---------------------------------------------------------------- the service
@@ -955,7 +923,7 @@ async fn bench(chosen: &[Scenario], benching: bool) -> Res<()> {
     let store = Arc::new(ImageStore::generate());
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let s3 = serve_s3(store.clone(), stop.clone()).await?;
+    let s3 = serve_s3(BenchS3(store.clone()), stop.clone()).await?;
     println!(
         "inferstream benchmark: {} cores; images {} B (32×32) and {} B (480×360 photos)\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

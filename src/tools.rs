@@ -22,6 +22,22 @@ pub fn load_config(
     })
 }
 
+/// The output producer of a tool that sends to Kafka; none for a dry run.
+pub fn producer_unless(
+    dry_run: bool,
+    cfg: &crate::config::Config,
+) -> Result<Option<rdkafka::producer::FutureProducer>, String> {
+    if dry_run {
+        return Ok(None);
+    }
+    crate::clients::kafka::producer_config(&cfg.kafka)
+        .create()
+        .map(Some)
+        .map_err(|e| {
+            format!("creating the Kafka producer (check kafka.brokers and kafka.properties): {e}")
+        })
+}
+
 /// A long job's progress on stderr: one line redrawn on a terminal, a log
 /// line every 5 s otherwise (so logs collected from a pipe stay short).
 pub struct Progress {

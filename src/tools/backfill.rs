@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -390,29 +390,6 @@ impl Pace {
     }
 }
 
-/// Cancelled on SIGINT or SIGTERM.
-fn interrupted() -> CancellationToken {
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    s.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        s.cancel();
-    });
-    stop
-}
-
 /// `inferstream backfill`.
 pub async fn command(path: Option<&Path>, opts: Options) -> ExitCode {
     let cfg = match crate::tools::load_config(path) {
@@ -506,18 +483,12 @@ async fn run(cfg: &crate::Config, opts: &Options) -> Result<ExitCode, String> {
     }
     let sdk = crate::clients::aws::sdk_config(cfg).await;
     let s3 = crate::clients::aws::s3_client(&sdk, cfg);
-    let producer: Option<FutureProducer> = if opts.dry_run {
-        None
-    } else {
-        Some(
-            crate::clients::kafka::producer_config(&cfg.kafka)
-                .create()
-                .map_err(|e| {
-                    format!("creating the Kafka producer (check kafka.brokers and kafka.properties): {e}")
-                })?,
-        )
-    };
-    let stop = interrupted();
+    let producer = crate::tools::producer_unless(opts.dry_run, cfg)?;
+    // The first SIGINT or SIGTERM stops at the next step; a second exits
+    // at once (the checkpoint is never past an unconfirmed page).
+    let stop = CancellationToken::new();
+    crate::shutdown::on_signals(stop.clone())
+        .map_err(|e| format!("cannot watch for SIGINT and SIGTERM: {e}"))?;
     let mut counts = Counts::default();
     let mut progress = crate::tools::Progress::new("backfill");
     let mut pace = Pace::new(opts.rate);

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::pipeline::decode::{decode, Outcome};
@@ -395,15 +395,7 @@ async fn run(cfg: &crate::Config, opts: &Options, prep: Prepared) -> Result<(), 
             total += end - start;
         }
     }
-    let producer: Option<FutureProducer> = if opts.dry_run {
-        None
-    } else {
-        Some(
-            crate::clients::kafka::producer_config(&cfg.kafka)
-                .create()
-                .map_err(|e| format!("creating the Kafka producer: {e}"))?,
-        )
-    };
+    let producer = crate::tools::producer_unless(opts.dry_run, cfg)?;
     let committers: Arc<Vec<(String, BaseConsumer)>> = Arc::new(if opts.dry_run {
         Vec::new()
     } else {

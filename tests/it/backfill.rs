@@ -84,18 +84,13 @@ async fn a_backfill_interrupted_halfway_and_resumed_leaves_no_gap() {
     let checkpoint_arg = checkpoint.to_str().unwrap();
 
     // A dry run counts and produces nothing.
-    let out = backfill(
-        &stack,
-        &["s3://uploads/photos/", "--suffix", ".jpg,.png", "--dry-run"],
-    )
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stack.tool(&[
+        "backfill",
+        "s3://uploads/photos/",
+        "--suffix",
+        ".jpg,.png",
+        "--dry-run",
+    ]);
     assert!(
         stdout
             .contains("25000 objects listed under s3://uploads/photos/, 18750 match (18750 bytes)"),
@@ -135,25 +130,16 @@ async fn a_backfill_interrupted_halfway_and_resumed_leaves_no_gap() {
     assert!(at_interrupt < wanted.len() as i64, "{at_interrupt}");
 
     let start = Instant::now();
-    let out = backfill(
-        &stack,
-        &[
-            "s3://uploads/photos/",
-            "--suffix",
-            ".jpg,.png",
-            "--resume",
-            "--checkpoint",
-            checkpoint_arg,
-        ],
-    )
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let resume = [
+        "backfill",
+        "s3://uploads/photos/",
+        "--suffix",
+        ".jpg,.png",
+        "--resume",
+        "--checkpoint",
+        checkpoint_arg,
+    ];
+    let stdout = stack.tool(&resume);
     eprintln!(
         "backfill: interrupted at {at_interrupt} events; resumed: {} ({:?})",
         stdout.trim(),
@@ -176,23 +162,8 @@ async fn a_backfill_interrupted_halfway_and_resumed_leaves_no_gap() {
     eprintln!("backfill: {} objects, {twice} produced twice", got.len());
 
     // Complete: resuming again does nothing.
-    let out = backfill(
-        &stack,
-        &[
-            "s3://uploads/photos/",
-            "--suffix",
-            ".jpg,.png",
-            "--resume",
-            "--checkpoint",
-            checkpoint_arg,
-        ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("nothing to do"),
-        "{out:?}"
-    );
+    let again = stack.tool(&resume);
+    assert!(again.contains("nothing to do"), "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,20 +247,7 @@ async fn dead_letters_redriven_after_the_objects_came_are_classified_once() {
     let mut bodies = Vec::new();
     for (id, _) in &events {
         let key = id.strip_prefix("uploads/").unwrap();
-        let body = stack
-            .s3
-            .get_object()
-            .bucket("uploads")
-            .key(key)
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes()
-            .to_vec();
+        let body = stack.get_object("uploads", key).await;
         stack
             .s3
             .delete_object()

@@ -380,6 +380,23 @@ impl Stack {
         proc
     }
 
+    /// The body of `bucket/key`.
+    pub async fn get_object(&self, bucket: &str, key: &str) -> Vec<u8> {
+        self.s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("get {bucket}/{key}: {e:?}"))
+            .body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("read {bucket}/{key}: {e:?}"))
+            .into_bytes()
+            .to_vec()
+    }
+
     pub async fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>) -> String {
         let out = self
             .s3
