@@ -1157,14 +1157,17 @@ fn dead_letter(
     detail: String,
 ) -> Output {
     tracing::info!(bucket = %image.bucket, key = %image.key, reason = reason.as_str(), %detail, "dead letter");
-    Output::DeadLetter(Box::new(DeadLetter::new(
-        reason,
-        detail,
-        Some(image.bucket.clone()),
-        Some(image.key.clone()),
-        payload,
-        source,
-    )))
+    Output::DeadLetter(Box::new(
+        DeadLetter::new(
+            reason,
+            detail,
+            Some(image.bucket.clone()),
+            Some(image.key.clone()),
+            payload,
+            source,
+        )
+        .with_version(image.version_id.as_deref()),
+    ))
 }
 
 async fn fetch_stage(

@@ -150,6 +150,10 @@ pub struct DeadLetter {
     pub detail: String,
     pub bucket: Option<String>,
     pub key: Option<String>,
+    /// The image's S3 version, when its event named one: which record of
+    /// a message that announced several versions of one key failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
     /// The original message (its first `pipeline.dead_letter_payload_bytes`
     /// when longer), as UTF-8 when it is, else base64.
     pub payload: String,
@@ -176,6 +180,10 @@ pub const MAX_OBJECT_NAME: usize = 1024;
 /// caps, six-fold JSON escaping, the Kafka key and record framing).
 const DEAD_LETTER_OVERHEAD: usize =
     6 * (MAX_DETAIL + 2 * MAX_OBJECT_NAME) + 2 * MAX_OBJECT_NAME + 8192;
+/// Longest `version_id` a dead letter carries (S3's are 32 bytes): it fits
+/// in the room above, so the limits of earlier versions stand. A longer
+/// one is left out rather than cut (a cut one would name no version).
+pub const MAX_VERSION: usize = 256;
 
 /// The largest dead-letter record (JSON value plus key) made with payloads
 /// cut at `payload_cap` bytes: JSON escapes a control character in six.
@@ -337,6 +345,7 @@ impl DeadLetter {
             detail: truncate_str(&detail, MAX_DETAIL),
             bucket: bucket.map(|b| truncate_str(&b, MAX_OBJECT_NAME)),
             key: key.map(|k| truncate_str(&k, MAX_OBJECT_NAME)),
+            version_id: None,
             payload: text,
             payload_encoding: payload_encoding.to_string(),
             payload_bytes: payload.len(),
@@ -345,6 +354,13 @@ impl DeadLetter {
             source,
             failed_at: now_rfc3339(),
         }
+    }
+
+    /// The same dead letter, about the image's version `v` (left out when
+    /// longer than [`MAX_VERSION`]).
+    pub fn with_version(mut self, v: Option<&str>) -> DeadLetter {
+        self.version_id = v.filter(|v| v.len() <= MAX_VERSION).map(str::to_string);
+        self
     }
 
     /// The same dead letter without its payload, for when even the capped
@@ -387,15 +403,27 @@ mod tests {
                 Some("k".repeat(5000)),
                 &p,
                 src.clone(),
-            );
+            )
+            .with_version(Some(&"\u{1}".repeat(MAX_VERSION)));
             assert!(d.payload_truncated);
             assert_eq!(d.payload_bytes, raw.len());
             assert_eq!(d.payload_sha256, sha256_hex(&raw));
             let json = serde_json::to_vec(&d).unwrap();
             assert!(json.len() <= max_dead_letter_bytes(1001), "{}", json.len());
             assert!(d.detail.len() <= MAX_DETAIL && d.key.unwrap().len() <= MAX_OBJECT_NAME);
+            assert_eq!(d.version_id.map(|v| v.len()), Some(MAX_VERSION));
         }
         let p = Payload::new(bytes::Bytes::from_static(b"{}"), 1001);
+        let long = DeadLetter::new(
+            DeadLetterReason::FetchFailed,
+            "",
+            None,
+            None,
+            &p,
+            src.clone(),
+        )
+        .with_version(Some(&"v".repeat(MAX_VERSION + 1)));
+        assert_eq!(long.version_id, None);
         assert!(!p.is_truncated());
         assert_eq!(p.sha256(), sha256_hex(b"{}"));
     }

@@ -464,7 +464,12 @@ async fn run(cfg: &crate::Config, opts: &Options) -> Result<ExitCode, String> {
             let saved = Checkpoint::load(&opts.checkpoint).map_err(|e| {
                 format!("{e}; delete it (or give another --checkpoint) to start over")
             })?;
-            if !saved.complete {
+            // One of this very backfill that never got past its first page
+            // resumes from the start, as a fresh run does: nothing of it
+            // is lost by starting over.
+            let same = (&saved.bucket, &saved.prefix, &saved.filters)
+                == (&checkpoint.bucket, &checkpoint.prefix, &checkpoint.filters);
+            if !saved.complete && (saved.last_key.is_some() || !same) {
                 return Err(format!(
                     "the checkpoint {} holds an unfinished backfill of s3://{}/{} ({} events produced, up to {}): continue it with --resume, or delete the file (or give another --checkpoint) to start over",
                     opts.checkpoint.display(),
@@ -525,7 +530,7 @@ async fn run(cfg: &crate::Config, opts: &Options) -> Result<ExitCode, String> {
         let (objects, next) = listed.map_err(|e| with_resume_hint(e, &checkpoint, opts))?;
         counts.listed += objects.len() as u64;
         let mut sends = Vec::new();
-        for o in &objects {
+        'objects: for o in &objects {
             if stop.is_cancelled() {
                 break;
             }
@@ -579,7 +584,11 @@ async fn run(cfg: &crate::Config, opts: &Options) -> Result<ExitCode, String> {
                     )) if full_for < 600 => {
                         record = back;
                         full_for += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            // Interrupted: the page is cut short here.
+                            () = stop.cancelled() => break 'objects,
+                        }
                     }
                     Err((e, _)) => {
                         return Err(with_resume_hint(

@@ -337,6 +337,16 @@ async fn dead_letters_redriven_after_the_objects_came_are_classified_once() {
 
 /// A dead letter of `reason` for `key`, as the service writes them.
 fn dead_letter(reason: DeadLetterReason, key: &str, offset: i64) -> (String, Vec<u8>) {
+    dead_letter_of(INPUT, reason, key, offset)
+}
+
+/// A dead letter of a message on `topic`.
+fn dead_letter_of(
+    topic: &str,
+    reason: DeadLetterReason,
+    key: &str,
+    offset: i64,
+) -> (String, Vec<u8>) {
     let payload = event(Shape::S3, "uploads", key, 3, "abc");
     let d = DeadLetter::new(
         reason,
@@ -345,7 +355,7 @@ fn dead_letter(reason: DeadLetterReason, key: &str, offset: i64) -> (String, Vec
         Some(key.into()),
         &Payload::new(payload.into(), 65_536),
         SourceRef {
-            topic: INPUT.into(),
+            topic: topic.into(),
             partition: 0,
             offset,
         },
@@ -477,18 +487,39 @@ async fn backfill_keeps_odd_keys_and_refuses_what_would_leave_a_gap() {
     )
     .unwrap();
     let dead_port = free_port().to_string();
-    let no_s3 = backfill(&stack, &["s3://uploads/odd/", "--checkpoint", cp])
-        .env(
-            "INFERSTREAM__AWS__S3__ENDPOINT_URL",
-            format!("http://127.0.0.1:{dead_port}"),
-        )
-        .output()
-        .unwrap();
-    assert_eq!(no_s3.status.code(), Some(1), "{no_s3:?}");
+    let no_s3 = || {
+        backfill(&stack, &["s3://uploads/odd/", "--checkpoint", cp])
+            .env(
+                "INFERSTREAM__AWS__S3__ENDPOINT_URL",
+                format!("http://127.0.0.1:{dead_port}"),
+            )
+            .output()
+            .unwrap()
+    };
+    let failed = no_s3();
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     assert!(
-        String::from_utf8_lossy(&no_s3.stderr).contains("continue with --resume"),
-        "{no_s3:?}"
+        String::from_utf8_lossy(&failed.stderr).contains("continue with --resume"),
+        "{failed:?}"
     );
+    // Its checkpoint has no page done: a fresh run may start over (it
+    // fails on S3 again, not on the checkpoint).
+    let fresh_again = no_s3();
+    let stderr = String::from_utf8_lossy(&fresh_again.stderr);
+    assert!(!stderr.contains("holds an unfinished backfill"), "{stderr}");
+    assert!(stderr.contains("continue with --resume"), "{stderr}");
+    // Not so one of another prefix: it is not this backfill's to drop.
+    let elsewhere = std::fs::read_to_string(&checkpoint)
+        .unwrap()
+        .replace("\"odd/\"", "\"elsewhere/\"");
+    std::fs::write(&checkpoint, &elsewhere).unwrap();
+    let other = no_s3();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("holds an unfinished backfill of s3://uploads/elsewhere/"),
+        "{stderr}"
+    );
+    std::fs::write(&checkpoint, elsewhere.replace("\"elsewhere/\"", "\"odd/\"")).unwrap();
     // The producer's queue holds 10 events, a page has 36: it waits.
     let dir2 = tempfile::tempdir().unwrap();
     let small = dir2.path().join("small-queue.toml");
@@ -534,4 +565,220 @@ async fn backfill_keeps_odd_keys_and_refuses_what_would_leave_a_gap() {
     let mut want: Vec<String> = keys.iter().map(|k| k.to_string()).chain(many).collect();
     want.sort();
     assert_eq!(announced, want);
+}
+
+/// A redrive's consumer group of `reason`.
+fn redrive_group(stack: &Stack, reason: &str) -> String {
+    format!("{}-redrive-{reason}", stack.group)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_sees_a_topic_made_anew_and_what_retention_deleted() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let stack = Stack::start(Faults::default()).await;
+    let brokers = stack.kafka.bootstrap_servers();
+    // As after the dead-letter topic was deleted and made anew: two reasons
+    // had redriven partition 0 to 800, and it is empty now.
+    for r in ["object_not_found", "fetch_failed"] {
+        commit_on(&brokers, &redrive_group(&stack, r), DEAD, &[(0, 800)]);
+    }
+    // A redrive of one reason, with nothing to send, records the reset for
+    // every reason.
+    let first = stack.tool(&["redrive", "--reason", "object_not_found"]);
+    assert!(first.contains("0 dead letters redriven"), "{first}");
+    for r in ["object_not_found", "fetch_failed"] {
+        let now = committed_on(&brokers, &redrive_group(&stack, r), DEAD);
+        assert_eq!(now.get(&0), Some(&0), "{r}: {now:?}");
+    }
+    // The new topic grows past the old offsets: none of it was redriven.
+    let letters: Vec<(String, Vec<u8>)> = (0..1_000)
+        .map(|i| {
+            let reason = if i % 2 == 0 {
+                DeadLetterReason::ObjectNotFound
+            } else {
+                DeadLetterReason::FetchFailed
+            };
+            dead_letter(reason, &format!("anew/{i:04}.png"), i)
+        })
+        .collect();
+    stack.produce_to_partition(DEAD, 0, &letters).await;
+    let second = stack.tool(&["redrive"]);
+    assert!(
+        second.contains("1000 dead letters redriven to s3-events"),
+        "{second}"
+    );
+
+    // Retention: the mock cluster keeps about 5 MiB of each partition.
+    // Five dead letters, then 8 MB of other records that push them out,
+    // then five more.
+    let lost: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            dead_letter(
+                DeadLetterReason::ObjectNotFound,
+                &format!("lost/{i}.png"),
+                i,
+            )
+        })
+        .collect();
+    stack.produce_to_partition(DEAD, 1, &lost).await;
+    let junk: Vec<(String, Vec<u8>)> = (0..80)
+        .map(|i| (format!("junk{i}"), vec![b'x'; 100_000]))
+        .collect();
+    stack.produce_to_partition(DEAD, 1, &junk).await;
+    let kept: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            dead_letter(
+                DeadLetterReason::ObjectNotFound,
+                &format!("kept/{i}.png"),
+                i,
+            )
+        })
+        .collect();
+    stack.produce_to_partition(DEAD, 1, &kept).await;
+    let (low, high) = stack.watermarks(DEAD)[&1];
+    assert!(low >= 5 && high == 90, "retention left {low}..{high}");
+    // The first fetch answers that its offset is gone, as when retention
+    // deletes records while a redrive reads: it goes on from the oldest
+    // record kept, and counts what it could not read once.
+    stack.kafka.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    let third = stack.tool(&["redrive", "--reason", "object_not_found"]);
+    assert!(third.contains("5 dead letters redriven"), "{third}");
+    assert!(
+        third.contains(&format!(
+            "{low} records on inferstream-dead-letter were deleted by retention"
+        )),
+        "{third}"
+    );
+    assert!(
+        third.contains(&format!(
+            "{} records on inferstream-dead-letter are not dead letters",
+            85 - low
+        )),
+        "{third}"
+    );
+    let fourth = stack.tool(&["redrive", "--reason", "object_not_found"]);
+    assert!(fourth.contains("0 dead letters redriven"), "{fourth}");
+    assert!(!fourth.contains("deleted by retention"), "{fourth}");
+    let sent = stack.read_topic(INPUT).await;
+    let mut keys: Vec<String> = sent.iter().map(|r| r.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((sent.len(), keys.len()), (1_005, 1_005));
+    assert!(keys.iter().all(|k| !k.starts_with("uploads/lost/")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_stopped_by_an_error_keeps_what_kafka_confirmed() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let stack = Stack::start(Faults::default()).await;
+    // An input topic of one partition: the sends go in the dead letters'
+    // order, so the first that Kafka fails is the first not recorded.
+    let single = "single-input";
+    stack.kafka.create_topic(single, 1, 1).unwrap();
+    let brokers = stack.kafka.bootstrap_servers();
+    let key = |i: i64| format!("r/{i:04}.png");
+    let letters: Vec<(String, Vec<u8>)> = (0..1_000)
+        .map(|i| dead_letter_of(single, DeadLetterReason::FetchFailed, &key(i), i))
+        .collect();
+    // Batches of 50, so that a fetch of one byte gets 50 at most.
+    for chunk in letters.chunks(50) {
+        stack.produce_to_partition(DEAD, 0, chunk).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small-batches.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\ninput_topic = \"single-input\"\n\
+         [kafka.consumer_properties]\n\"max.partition.fetch.bytes\" = \"1024\"\n\
+         [kafka.producer_properties]\n\"batch.num.messages\" = \"50\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let fetch_errors = |errors: &[RDKafkaRespErr]| {
+        stack.kafka.request_errors(RDKafkaApiKey::Fetch, errors);
+    };
+    use RDKafkaRespErr::*;
+
+    // An error librdkafka retries (a broker failing a fetch once) does not
+    // end a run.
+    fetch_errors(&[RD_KAFKA_RESP_ERR_NO_ERROR, RD_KAFKA_RESP_ERR_UNKNOWN]);
+    let dry = stack.tool(&["--config", config, "redrive", "--dry-run"]);
+    assert!(dry.contains("dry run: 1000 dead letters redriven"), "{dry}");
+
+    // Two fetches answer, the third is refused for good: reading stops
+    // part way, and what Kafka confirmed is recorded.
+    fetch_errors(&[
+        RD_KAFKA_RESP_ERR_NO_ERROR,
+        RD_KAFKA_RESP_ERR_NO_ERROR,
+        RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    ]);
+    let stopped = backfill_like(&stack, &["--config", config, "redrive"]);
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(1), "{stopped:?}");
+    assert!(
+        stderr.contains("reading inferstream-dead-letter"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("handled before it are recorded"),
+        "{stderr}"
+    );
+    let sent = stack.read_topic(single).await.len() as i64;
+    assert!(sent > 0 && sent < 1_000, "{sent} sent before the error");
+    let recorded = || {
+        committed_on(&brokers, &redrive_group(&stack, "fetch_failed"), DEAD)
+            .get(&0)
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(recorded(), sent);
+    stack.kafka.clear_request_errors(RDKafkaApiKey::Fetch);
+
+    // Kafka takes the first request of sends and fails the rest: the run
+    // fails, and records up to the first dead letter whose message was
+    // not taken.
+    let mut produce = vec![RD_KAFKA_RESP_ERR_NO_ERROR];
+    produce.extend([RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 500]);
+    stack.kafka.request_errors(RDKafkaApiKey::Produce, &produce);
+    let refused = backfill_like(&stack, &["--config", config, "redrive"]);
+    stack.kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        stderr.contains("Kafka did not take the message"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("what Kafka confirmed before it is recorded"),
+        "{stderr}"
+    );
+    let now = recorded();
+    let on_input: std::collections::HashSet<String> = stack
+        .read_topic(single)
+        .await
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert!(
+        now > sent && now < 1_000,
+        "recorded {now}, {sent} before; on input {}: {stderr}",
+        on_input.len()
+    );
+    for i in 0..now {
+        assert!(
+            on_input.contains(&format!("uploads/{}", key(i))),
+            "{i} recorded, never sent"
+        );
+    }
+
+    // The next run sends the rest: every dead letter is on the input topic.
+    let rest = stack.tool(&["--config", config, "redrive"]);
+    assert!(rest.contains("dead letters redriven"), "{rest}");
+    assert_eq!(recorded(), 1_000);
+    let all = stack.read_topic(single).await;
+    let keys: std::collections::HashSet<String> = all.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 1_000);
 }

@@ -490,13 +490,27 @@ impl Stack {
 
     /// A topic's end offsets.
     pub fn ends(&self, topic: &str) -> BTreeMap<i32, i64> {
+        self.watermarks(topic)
+            .into_iter()
+            .map(|(p, (_, hi))| (p, hi))
+            .collect()
+    }
+
+    /// A topic's (oldest kept, end) offsets per partition.
+    pub fn watermarks(&self, topic: &str) -> BTreeMap<i32, (i64, i64)> {
         let c: StreamConsumer = client(&self.kafka.bootstrap_servers(), &unique("probe"));
-        (0..PARTITIONS)
+        let partitions = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata")
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len()) as i32;
+        (0..partitions)
             .map(|p| {
-                let (_, hi) = c
+                let marks = c
                     .fetch_watermarks(topic, p, Duration::from_secs(10))
                     .expect("watermarks");
-                (p, hi)
+                (p, marks)
             })
             .collect()
     }
@@ -542,13 +556,13 @@ impl Stack {
         got
     }
 
-    /// Every record on `topic` (of [`PARTITIONS`] partitions) now, as JSON.
+    /// Every record on `topic` now, as JSON.
     pub async fn read_topic(&self, topic: &str) -> Vec<Out> {
         let ends = self.ends(topic);
         let consumer: StreamConsumer = client(&self.kafka.bootstrap_servers(), &unique("read"));
         let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
+        for p in ends.keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
                 .expect("offset");
         }
         consumer.assign(&tpl).expect("assign");
@@ -571,6 +585,27 @@ impl Stack {
             });
         }
         out
+    }
+
+    /// Produces raw records to one partition of `topic`, in order.
+    pub async fn produce_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(String, Vec<u8>)],
+    ) {
+        let sends = records.iter().map(|(key, payload)| {
+            self.producer.send(
+                FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(payload),
+                Timeout::Never,
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).expect("produce record");
+        }
     }
 
     /// Produces raw records to `topic` with the given keys.
@@ -721,6 +756,18 @@ fn client<C: rdkafka::config::FromClientConfig>(brokers: &str, group: &str) -> C
         .set("auto.offset.reset", "earliest")
         .create()
         .expect("kafka client")
+}
+
+/// Commits `offsets` (partition, offset) for `group` on `topic`.
+pub fn commit_on(brokers: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let c: StreamConsumer = client(brokers, group);
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+            .expect("offset");
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
 }
 
 /// `group`'s committed offsets on `topic`.
