@@ -85,6 +85,9 @@ struct Scenario {
     paced: Option<f64>,
     /// More `INFERSTREAM__…` settings for the service.
     extra: Vec<(&'static str, String)>,
+    /// S3's GetObject latency: median and 99th percentile (log-normal);
+    /// `None`: it answers at once.
+    s3_latency: Option<(Duration, Duration)>,
 }
 
 impl Scenario {
@@ -119,6 +122,7 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
         images: Images::Small,
         paced: None,
         extra: vec![],
+        s3_latency: None,
     };
     vec![
         Scenario {
@@ -180,6 +184,22 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
         sweep("7-sweep-b16", 16, n(10_000)),
         sweep("7-sweep-b32", 32, n(10_000)),
         sweep("7-sweep-b64", 64, n(10_000)),
+        // S3 as it answers small GETs in a region: tens of milliseconds,
+        // with a long tail. The service's fetch settings are its defaults.
+        Scenario {
+            name: "8-s3-20ms",
+            about: "as 1-batch, S3 answering in 20 ms (p99 200 ms)",
+            events: n(20_000),
+            s3_latency: Some((ms(20), ms(200))),
+            ..base.clone()
+        },
+        Scenario {
+            name: "8-s3-50ms",
+            about: "as 1-batch, S3 answering in 50 ms (p99 200 ms)",
+            events: n(20_000),
+            s3_latency: Some((ms(50), ms(200))),
+            ..base.clone()
+        },
         Scenario {
             name: "6-paced",
             about: "as 1-batch, events arriving at 80% of the bound",
@@ -203,6 +223,7 @@ fn sweep(name: &'static str, batch: usize, events: usize) -> Scenario {
         images: Images::Small,
         paced: None,
         extra: vec![],
+        s3_latency: None,
     }
 }
 
@@ -278,7 +299,20 @@ impl ImageStore {
     }
 }
 
-struct BenchS3(Arc<ImageStore>);
+/// The in-process S3: the images, and the latency the running scenario
+/// gives GetObject.
+struct BenchS3(Arc<ImageStore>, S3Latency);
+
+type S3Latency = Arc<std::sync::Mutex<Option<(Duration, Duration)>>>;
+
+/// A log-normal latency of this median and 99th percentile (at most 2 s).
+fn sample_latency(median: Duration, p99: Duration) -> Duration {
+    let sigma = (p99.as_secs_f64() / median.as_secs_f64()).ln() / 2.326;
+    // Box-Muller: a standard normal from two uniforms.
+    let (u, v) = (fastrand::f64().max(1e-12), fastrand::f64());
+    let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+    Duration::from_secs_f64((median.as_secs_f64() * (sigma * z).exp()).min(2.0))
+}
 
 #[async_trait::async_trait]
 impl S3 for BenchS3 {
@@ -293,6 +327,10 @@ impl S3 for BenchS3 {
         let Some(body) = self.0.get(&input.key) else {
             return Err(s3_error!(NoSuchKey));
         };
+        let latency = *self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((median, p99)) = latency {
+            tokio::time::sleep(sample_latency(median, p99)).await;
+        }
         let output = GetObjectOutput {
             content_length: Some(body.len() as i64),
             e_tag: Some(ETag::Strong(format!("{:016x}", body.len()))),
@@ -923,7 +961,8 @@ async fn bench(chosen: &[Scenario], benching: bool) -> Res<()> {
     let store = Arc::new(ImageStore::generate());
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let s3 = serve_s3(BenchS3(store.clone()), stop.clone()).await?;
+    let latency = S3Latency::default();
+    let s3 = serve_s3(BenchS3(store.clone(), latency.clone()), stop.clone()).await?;
     println!(
         "inferstream benchmark: {} cores; images {} B (32×32) and {} B (480×360 photos)\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -933,6 +972,7 @@ async fn bench(chosen: &[Scenario], benching: bool) -> Res<()> {
     let mut rows = Vec::new();
     for s in chosen {
         println!("{}: {} ({} events)…", s.name, s.about, s.events);
+        *latency.lock().unwrap_or_else(|e| e.into_inner()) = s.s3_latency;
         let f = run(s, &store, s3).await?;
         let line = row(s, &f);
         println!(

@@ -372,6 +372,9 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
 pub struct PipelineConfig {
     /// Images (and dead letters) in flight at most.
     pub max_in_flight: usize,
+    /// Bytes of images fetched (or being fetched) and not yet answered, at
+    /// most: what bounds memory with large images.
+    pub max_in_flight_bytes: u64,
     /// The whole shutdown on SIGTERM/SIGINT: drain, commit, flush, leave.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -984,6 +987,15 @@ impl Config {
         }
 
         let p = &self.pipeline;
+        if p.max_in_flight_bytes < 1 << 20 {
+            err(
+                "pipeline.max_in_flight_bytes",
+                format!(
+                    "is {}; it must be at least 1048576 (1 MiB)",
+                    p.max_in_flight_bytes
+                ),
+            );
+        }
         if p.max_in_flight == 0 {
             err("pipeline.max_in_flight", "must be at least 1".into());
         }

@@ -87,6 +87,9 @@ struct Job {
 struct FetchedJob {
     job: Job,
     fetched: Fetched,
+    /// Its share of `pipeline.max_in_flight_bytes`, given back when the
+    /// image is dropped (once answered, or dead-lettered).
+    _bytes: OwnedSemaphorePermit,
 }
 
 enum Output {
@@ -495,6 +498,7 @@ async fn run(config: Arc<Config>, parts: Parts, shutdown: CancellationToken) -> 
         job_rx,
         fetcher,
         config.fetch.concurrency,
+        config.pipeline.max_in_flight_bytes,
         batch_in_tx,
         out_tx.clone(),
     ));
@@ -1170,28 +1174,91 @@ fn dead_letter(
     ))
 }
 
+/// `pipeline.max_in_flight_bytes` as a semaphore of KiB.
+struct ByteBudget {
+    kib: Arc<Semaphore>,
+    total_kib: u32,
+    /// `fetch.max_object_bytes`.
+    max_object: u64,
+}
+
+impl ByteBudget {
+    fn new(bytes: u64, max_object: u64) -> ByteBudget {
+        let total_kib = (bytes / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        ByteBudget {
+            kib: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+            max_object,
+        }
+    }
+
+    fn kib(&self, bytes: u64) -> u32 {
+        bytes.div_ceil(1024).clamp(1, u64::from(self.total_kib)) as u32
+    }
+
+    /// KiB to hold for `image` while it is fetched: its size when the
+    /// event gave it; as much as an object may be when not (the surplus
+    /// comes back once it is fetched); next to nothing when it is over
+    /// `fetch.max_object_bytes` (refused unread). Never more than the whole
+    /// budget, so that one large image goes on alone.
+    fn share(&self, image: &ImageRef) -> u32 {
+        match image.size {
+            Some(n) if n > self.max_object => 1,
+            Some(n) => self.kib(n),
+            None => self.kib(self.max_object),
+        }
+    }
+
+    /// Fits what `image` holds to the `bytes` fetched: gives back a surplus;
+    /// takes more if the event understated the size and there is room now
+    /// (it never waits with a fetched image in hand).
+    fn fit(&self, held: &mut OwnedSemaphorePermit, bytes: usize) {
+        let want = self.kib(bytes as u64) as usize;
+        let have = held.num_permits();
+        if want < have {
+            drop(held.split(have - want));
+        } else if want > have {
+            if let Ok(more) = self
+                .kib
+                .clone()
+                .try_acquire_many_owned((want - have) as u32)
+            {
+                held.merge(more);
+            }
+        }
+    }
+}
+
 async fn fetch_stage(
     mut rx: mpsc::Receiver<Job>,
     fetcher: Fetcher,
     concurrency: usize,
+    max_in_flight_bytes: u64,
     batch_tx: mpsc::Sender<(FetchedJob, u64)>,
     out_tx: mpsc::Sender<(Output, Ack)>,
 ) {
     // Each GetObject is a task: its deadline (fetch.timeout) runs while it
     // runs, not while this stage waits for the batcher.
-    let mut running: JoinSet<(Job, Result<Fetched, FetchError>)> = JoinSet::new();
+    type Done = (Job, Result<Fetched, FetchError>, OwnedSemaphorePermit);
+    let mut running: JoinSet<Done> = JoinSet::new();
+    let budget = ByteBudget::new(max_in_flight_bytes, fetcher.max_object_bytes());
+    // The next job, waiting for its share of the byte budget.
+    let mut next: Option<(Job, u32)> = None;
     let mut open = true;
     loop {
         tokio::select! {
             biased;
             done = running.join_next(), if !running.is_empty() => match done {
-                Some(Ok((job, Ok(fetched)))) => {
+                Some(Ok((job, Ok(fetched), mut bytes))) => {
                     let size = fetched.body.len() as u64;
-                    if batch_tx.send((FetchedJob { job, fetched }, size)).await.is_err() {
+                    budget.fit(&mut bytes, fetched.body.len());
+                    let item = FetchedJob { job, fetched, _bytes: bytes };
+                    if batch_tx.send((item, size)).await.is_err() {
                         return;
                     }
                 }
-                Some(Ok((job, Err(e)))) => {
+                Some(Ok((job, Err(e), bytes))) => {
+                    drop(bytes);
                     let Job { image, ack, source, payload, .. } = job;
                     let output = dead_letter(&image, source, &payload, e.reason, e.detail);
                     if out_tx.send((output, ack)).await.is_err() {
@@ -1201,13 +1268,22 @@ async fn fetch_stage(
                 Some(Err(e)) => tracing::error!(error = %e, "a fetch task failed"),
                 None => {}
             },
-            job = rx.recv(), if open && running.len() < concurrency.max(1) => match job {
-                Some(job) => {
+            bytes = budget.kib.clone().acquire_many_owned(next.as_ref().map_or(0, |(_, n)| *n)),
+                if next.is_some() && running.len() < concurrency.max(1) =>
+            {
+                // Never an error: the semaphore is never closed.
+                if let (Ok(bytes), Some((job, _))) = (bytes, next.take()) {
                     let fetcher = fetcher.clone();
                     running.spawn(async move {
                         let result = fetcher.fetch(&job.image).await;
-                        (job, result)
+                        (job, result, bytes)
                     });
+                }
+            },
+            job = rx.recv(), if open && next.is_none() => match job {
+                Some(job) => {
+                    let share = budget.share(&job.image);
+                    next = Some((job, share));
                 }
                 None => open = false,
             },
@@ -1248,7 +1324,7 @@ async fn infer_stage(
                     let thresholds = live.get();
                     let making = Making { config: &config, thresholds: &thresholds, metrics: &metrics };
                     for (item, result) in batch.into_iter().zip(results) {
-                        let FetchedJob { job, fetched } = item;
+                        let FetchedJob { job, fetched, .. } = item;
                         let Job { image, ack, source, payload, consumed } = job;
                         let output = match result {
                             Ok(inference) => {
@@ -1455,4 +1531,59 @@ async fn sink_stage(
         .buffer_unordered(concurrency.max(1))
         .for_each(|()| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(size: Option<u64>) -> ImageRef {
+        ImageRef {
+            bucket: "b".into(),
+            key: "k".into(),
+            size,
+            etag: None,
+            version_id: None,
+            event_time: None,
+            backfill: false,
+        }
+    }
+
+    #[test]
+    fn an_image_holds_its_size_of_the_byte_budget_and_never_more_than_all() {
+        let budget = ByteBudget::new(1 << 20, 4_500_000);
+        assert_eq!(budget.total_kib, 1024);
+        assert_eq!(budget.share(&image(Some(200_000))), 196);
+        // Larger than the budget: all of it, so that it goes on alone.
+        assert_eq!(budget.share(&image(Some(1_500_000))), 1024);
+        // Over fetch.max_object_bytes: refused unread, holds next to nothing.
+        assert_eq!(budget.share(&image(Some(10_000_000))), 1);
+        // No size in the event: as much as an object may be (here all).
+        assert_eq!(budget.share(&image(None)), 1024);
+        // An empty object still holds a KiB.
+        assert_eq!(budget.share(&image(Some(0))), 1);
+    }
+
+    #[tokio::test]
+    async fn what_an_image_holds_is_fitted_to_what_was_fetched() {
+        let budget = ByteBudget::new(1 << 20, 4_500_000);
+        // No size: all of it, then the surplus back.
+        let mut held = budget.kib.clone().acquire_many_owned(1024).await.unwrap();
+        budget.fit(&mut held, 100_000);
+        assert_eq!(held.num_permits(), 98);
+        assert_eq!(budget.kib.available_permits(), 1024 - 98);
+        // Understated: more, while there is room.
+        let mut small = budget.kib.clone().acquire_many_owned(1).await.unwrap();
+        budget.fit(&mut small, 300_000);
+        assert_eq!(small.num_permits(), 293);
+        // No room: it goes on with what it has, never waiting.
+        let _rest = budget
+            .kib
+            .clone()
+            .acquire_many_owned(1024 - 98 - 293)
+            .await
+            .unwrap();
+        budget.fit(&mut held, 200_000);
+        assert_eq!(held.num_permits(), 98);
+    }
 }

@@ -96,6 +96,11 @@ impl Fetcher {
         }
     }
 
+    /// `fetch.max_object_bytes`: larger objects are refused unread.
+    pub fn max_object_bytes(&self) -> u64 {
+        self.config.max_object_bytes
+    }
+
     /// Fetches one image, retrying what retrying can help.
     pub async fn fetch(&self, img: &ImageRef) -> Result<Fetched, FetchError> {
         let max = self.config.max_object_bytes;
@@ -107,7 +112,7 @@ impl Fetcher {
                 ));
             }
         }
-        let start = Instant::now();
+        let began = Instant::now();
         let mut last = String::new();
         for attempt in 0..self.config.max_attempts {
             if attempt > 0 {
@@ -119,25 +124,27 @@ impl Fetcher {
                 ))
                 .await;
             }
-            let outcome =
-                match tokio::time::timeout(self.config.timeout, self.attempt(img, start)).await {
-                    Ok(o) => o,
-                    Err(_) => Attempt::Retry(
-                        ErrorClass::Timeout,
-                        format!(
-                            "no complete answer within fetch.timeout ({})",
-                            humantime::format_duration(self.config.timeout)
-                        ),
+            let outcome = match tokio::time::timeout(self.config.timeout, self.attempt(img)).await {
+                Ok(o) => o,
+                Err(_) => Attempt::Retry(
+                    ErrorClass::Timeout,
+                    format!(
+                        "no complete answer within fetch.timeout ({})",
+                        humantime::format_duration(self.config.timeout)
                     ),
-                };
+                ),
+            };
             match outcome {
-                Attempt::Done(result) => {
-                    if let Ok(f) = &result {
+                Attempt::Done(mut result) => {
+                    if let Ok(f) = &mut result {
                         self.metrics.images_fetched.inc();
                         self.metrics.fetched_bytes.inc_by(f.body.len() as u64);
+                        // The metric: this GetObject; the record: the whole
+                        // fetch, retries and back-offs included.
                         self.metrics
                             .fetch_duration
                             .observe(f.duration.as_secs_f64());
+                        f.duration = began.elapsed();
                     }
                     return result;
                 }
@@ -156,7 +163,9 @@ impl Fetcher {
         ))
     }
 
-    async fn attempt(&self, img: &ImageRef, start: Instant) -> Attempt {
+    /// One GetObject and its body; `Fetched::duration` is its time alone.
+    async fn attempt(&self, img: &ImageRef) -> Attempt {
+        let start = Instant::now();
         let mut req = self.client.get_object().bucket(&img.bucket).key(&img.key);
         if let Some(v) = &img.version_id {
             req = req.version_id(v);

@@ -772,3 +772,80 @@ async fn a_half_sent_metrics_request_does_not_hold_the_exit() {
     );
     drop(conn);
 }
+
+/// `inferstream_fetch_duration_seconds` is the GetObject that answered, not
+/// the failed tries and back-offs before it; the prediction's
+/// `latency_ms.fetch` keeps the whole fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_duration_is_the_get_object_and_the_record_keeps_the_whole_fetch() {
+    use std::sync::atomic::Ordering;
+    let stack = Stack::start(Faults::default()).await;
+    let proxy = FaultProxy::outage(&stack.moto.url).await;
+    proxy.down.store(false, Ordering::SeqCst);
+    let (_, events) = upload_images(&stack, 1, "retried").await;
+    let service = stack
+        .service(&[
+            ("AWS__S3__ENDPOINT_URL", proxy.url.as_str()),
+            ("FETCH__MAX_ATTEMPTS", "50"),
+        ])
+        .await;
+    // S3 answers 503 for 1.5 s from the first try on.
+    proxy.down.store(true, Ordering::SeqCst);
+    stack.produce(&events).await;
+    service
+        .wait_metric("inferstream_fetch_retries_total", &[], MINUTE, |v| v >= 1.0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.down.store(false, Ordering::SeqCst);
+    let mut out = stack.collector();
+    out.all_predicted(&stack, 1, MINUTE).await;
+    let record = out
+        .records
+        .iter()
+        .find(|r| r.topic == RESULTS || r.topic == REVIEW)
+        .expect("a prediction");
+    let whole = record.value["latency_ms"]["fetch"].as_f64().unwrap();
+    assert!(whole >= 1_500.0, "latency_ms.fetch {whole}");
+    let count = service
+        .metric("inferstream_fetch_duration_seconds_count", &[])
+        .await;
+    let sum = service
+        .metric("inferstream_fetch_duration_seconds_sum", &[])
+        .await;
+    assert_eq!(count, 1.0);
+    assert!(sum < 1.0, "fetch_duration {sum} s for one GetObject");
+}
+
+/// `pipeline.max_in_flight_bytes` below one batch of photos, and below one
+/// photo: images go on a few at a time, the largest alone; none is lost or
+/// held for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_byte_budget_smaller_than_an_image_lets_every_image_through() {
+    use inferstream::tools::endpoint::model::noisy_image;
+    let stack = Stack::start(Faults::default()).await;
+    let n = 9;
+    let mut events = Vec::new();
+    for i in 0..n {
+        let key = format!("budget/{i}.png");
+        // The last is over the whole budget (1 MiB).
+        let size = if i == n - 1 { (1280, 960) } else { (640, 480) };
+        let body = noisy_image(i % 2, 0.98, 2, size, ImageFormat::Png, i as u64);
+        assert!(body.len() > 300_000, "{}", body.len());
+        if i == n - 1 {
+            assert!(body.len() > 1 << 20, "{}", body.len());
+        }
+        let len = body.len();
+        let etag = stack.put_object("uploads", &key, body).await;
+        events.push((key.clone(), event(Shape::S3, "uploads", &key, len, &etag)));
+    }
+    let _service = stack
+        .service(&[
+            ("PIPELINE__MAX_IN_FLIGHT_BYTES", "1048576"),
+            ("BATCH__MAX_IMAGES", "4"),
+        ])
+        .await;
+    stack.produce(&events).await;
+    let mut out = stack.collector();
+    out.all_predicted(&stack, n, MINUTE).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+}
