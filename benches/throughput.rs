@@ -88,6 +88,11 @@ struct Scenario {
     /// S3's GetObject latency: median and 99th percentile (log-normal);
     /// `None`: it answers at once.
     s3_latency: Option<(Duration, Duration)>,
+    /// The endpoint's workers phase by phase (how long, how many), its
+    /// capacity changing as it scales; empty: `concurrency` throughout.
+    phases: Vec<(Duration, usize)>,
+    /// Calls that may wait for a worker; more are throttled.
+    queue: Option<usize>,
 }
 
 impl Scenario {
@@ -99,11 +104,20 @@ impl Scenario {
         }
     }
 
-    /// C·B/L, `None` when the endpoint answers at once.
+    /// C·B/L, `None` when the endpoint answers at once or its capacity
+    /// changes.
     fn bound(&self) -> Option<f64> {
+        if !self.phases.is_empty() {
+            return None;
+        }
+        self.bound_with(self.concurrency)
+    }
+
+    /// C·B/L with C `workers`.
+    fn bound_with(&self, workers: usize) -> Option<f64> {
         let b = self.images_per_call();
         let l = self.latency + self.latency_per_image * b as u32;
-        (!l.is_zero()).then(|| self.concurrency as f64 * b as f64 / l.as_secs_f64())
+        (!l.is_zero()).then(|| workers as f64 * b as f64 / l.as_secs_f64())
     }
 }
 
@@ -123,6 +137,8 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
         paced: None,
         extra: vec![],
         s3_latency: None,
+        phases: vec![],
+        queue: None,
     };
     vec![
         Scenario {
@@ -200,6 +216,18 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
             s3_latency: Some((ms(50), ms(200))),
             ..base.clone()
         },
+        capacity(
+            "9-capacity",
+            "L=100ms B=16, endpoint workers 4 → 16 → 2 (20 s each, 4 may queue, more throttled), endpoint.concurrency adaptive",
+            4,
+            &base,
+        ),
+        capacity(
+            "9-capacity-no-queue",
+            "as 9-capacity, but every call beyond the workers is throttled",
+            0,
+            &base,
+        ),
         Scenario {
             name: "6-paced",
             about: "as 1-batch, events arriving at 80% of the bound",
@@ -208,6 +236,29 @@ fn scenarios(scale: f64) -> Vec<Scenario> {
             ..base.clone()
         },
     ]
+}
+
+/// An endpoint that scales in and out while the service runs, with
+/// adaptive concurrency: 4 workers, then 16, then 2, each answering a call
+/// of 16 images in 100 ms; `queue` calls may wait for a worker, more are
+/// throttled. The events outnumber what the phases take: the rest are
+/// drained with 32 workers, and every one is checked.
+fn capacity(name: &'static str, about: &'static str, queue: usize, base: &Scenario) -> Scenario {
+    Scenario {
+        name,
+        about,
+        latency: Duration::from_millis(100),
+        concurrency: 4,
+        events: 80_000,
+        extra: vec![("ENDPOINT__CONCURRENCY", "adaptive".into())],
+        phases: vec![
+            (Duration::from_secs(20), 4),
+            (Duration::from_secs(20), 16),
+            (Duration::from_secs(20), 2),
+        ],
+        queue: Some(queue),
+        ..base.clone()
+    }
 }
 
 fn sweep(name: &'static str, batch: usize, events: usize) -> Scenario {
@@ -224,6 +275,8 @@ fn sweep(name: &'static str, batch: usize, events: usize) -> Scenario {
         paced: None,
         extra: vec![],
         s3_latency: None,
+        phases: vec![],
+        queue: None,
     }
 }
 
@@ -524,6 +577,10 @@ fn start_service(s: &Scenario, brokers: &str, s3: SocketAddr, endpoint: &str) ->
     for (k, v) in &s.extra {
         set(k, v.clone());
     }
+    // BENCH_CONCURRENCY=adaptive (or a number) overrides the scenario's.
+    if let Ok(c) = std::env::var("BENCH_CONCURRENCY") {
+        set("ENDPOINT__CONCURRENCY", c);
+    }
     let child = Command::new(env!("CARGO_BIN_EXE_inferstream"))
         .arg("run")
         .env_remove("RUST_LOG")
@@ -703,6 +760,97 @@ struct Figures {
     /// and this process (Kafka, S3, endpoint).
     service_cores: f64,
     harness_cores: f64,
+    /// How the service followed the endpoint's capacity, phase by phase.
+    phases: Vec<Phase>,
+}
+
+/// One phase of an endpoint whose capacity changes.
+struct Phase {
+    workers: usize,
+    bound: f64,
+    /// Seconds from the phase's start to the first second at 90% of its
+    /// bound; `None`: never.
+    reached_s: Option<f64>,
+    /// Over the phase's second half: images per second, the share of calls
+    /// throttled, and the service's mean concurrency limit.
+    settled_rate: f64,
+    settled_throttled: f64,
+    settled_limit: f64,
+    /// The share of calls throttled over the whole phase.
+    throttled: f64,
+}
+
+/// A sample of the run, every 100 ms.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    outcomes: u64,
+    calls: u64,
+    throttled: u64,
+    limit: f64,
+}
+
+/// Runs the endpoint through `s.phases`, sampling, then drains the rest of
+/// the events with 32 workers.
+async fn phases(
+    s: &Scenario,
+    endpoint: &Arc<inferstream::tools::endpoint::RunningEndpoint>,
+    metrics: SocketAddr,
+) -> Res<Vec<Phase>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sample = || async {
+        let (_, body) = http_get(metrics, "/metrics").await.unwrap_or_default();
+        let value = |name: &str| {
+            body.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        Sample {
+            at: Instant::now(),
+            outcomes: (value("inferstream_predictions_total")
+                + value("inferstream_dead_letters_total")) as u64,
+            calls: endpoint.stats.requests.load(Relaxed),
+            throttled: endpoint.stats.throttled.load(Relaxed),
+            limit: value("inferstream_endpoint_concurrency_limit"),
+        }
+    };
+    let mut out = Vec::new();
+    for &(length, workers) in &s.phases {
+        endpoint.set_workers(workers);
+        let bound = s.bound_with(workers).unwrap_or(f64::INFINITY);
+        let start = Instant::now();
+        let mut samples = vec![sample().await];
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while start.elapsed() < length {
+            tick.tick().await;
+            samples.push(sample().await);
+        }
+        // The first second-long stretch at 90% of the bound.
+        let reached_s = samples.iter().enumerate().find_map(|(i, a)| {
+            let b = samples[i..]
+                .iter()
+                .find(|b| b.at.duration_since(a.at) >= Duration::from_secs(1))?;
+            let rate = (b.outcomes - a.outcomes) as f64 / b.at.duration_since(a.at).as_secs_f64();
+            (rate >= 0.9 * bound).then(|| a.at.duration_since(start).as_secs_f64())
+        });
+        let half = &samples[samples.len() / 2..];
+        let (a, b) = (half[0], half[half.len() - 1]);
+        let span = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
+        out.push(Phase {
+            workers,
+            bound,
+            reached_s,
+            settled_rate: (b.outcomes - a.outcomes) as f64 / span,
+            settled_throttled: (b.throttled - a.throttled) as f64
+                / (b.calls - a.calls).max(1) as f64,
+            settled_limit: half.iter().map(|x| x.limit).sum::<f64>() / half.len() as f64,
+            throttled: (b.throttled - samples[0].throttled) as f64
+                / (b.calls - samples[0].calls).max(1) as f64,
+        });
+    }
+    endpoint.set_workers(32);
+    Ok(out)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -727,12 +875,13 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = inferstream::tools::endpoint::spawn(
+    let endpoint = Arc::new(inferstream::tools::endpoint::spawn(
         listener,
         EndpointOptions {
             name: None,
             classes: LABELS,
             workers: s.concurrency,
+            queue: s.queue,
             memoize: true,
             faults: Faults {
                 latency: s.latency,
@@ -741,7 +890,7 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
             },
         },
         stop.clone(),
-    )?;
+    )?);
     let producer = producer(&brokers)?;
     if s.paced.is_none() {
         produce(&producer, store, s.images, 0..s.events).await?;
@@ -796,8 +945,16 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
         })
     });
 
+    let phases = (!s.phases.is_empty()).then(|| {
+        let endpoint = endpoint.clone();
+        let metrics = service.metrics;
+        let s = s.clone();
+        tokio::spawn(async move { phases(&s, &endpoint, metrics).await })
+    });
+
     // Expected time at the bound (or 10,000/s), with plenty of margin.
-    let expect = s.events as f64 / s.bound().unwrap_or(10_000.0).min(10_000.0);
+    let expect = s.events as f64 / s.bound().unwrap_or(10_000.0).min(10_000.0)
+        + s.phases.iter().map(|p| p.0.as_secs_f64()).sum::<f64>();
     let waiting = Instant::now();
     let deadline = waiting + Duration::from_secs_f64(60.0 + expect * 5.0);
     let mut last = 0;
@@ -833,6 +990,10 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
     if let Some(p) = pacer {
         p.await??;
     }
+    let phases = match phases {
+        Some(p) => p.await??,
+        None => vec![],
+    };
     service.stop().await?;
 
     let outcomes = read_outcomes(&brokers, s.events).await?;
@@ -884,6 +1045,7 @@ async fn run(s: &Scenario, store: &Arc<ImageStore>, s3: SocketAddr) -> Res<Figur
         call_ms: means.1,
         service_cores: cpu.as_secs_f64() / waited.as_secs_f64().max(1e-3),
         harness_cores: harness.as_secs_f64() / waited.as_secs_f64().max(1e-3),
+        phases,
     };
     drop(producer);
     drop(kafka);
@@ -987,6 +1149,19 @@ async fn bench(chosen: &[Scenario], benching: bool) -> Res<()> {
             f.duplicates,
             f.dead
         );
+        for p in &f.phases {
+            println!(
+                "  {} workers (bound {:.0}/s): 90% of the bound after {}, {:.2}% of calls throttled; second half: {:.0} images/s ({:.1}% of the bound), {:.2}% of calls throttled, mean limit {:.1}",
+                p.workers,
+                p.bound,
+                p.reached_s.map_or("never".to_string(), |t| format!("{t:.1} s")),
+                p.throttled * 100.0,
+                p.settled_rate,
+                p.settled_rate / p.bound * 100.0,
+                p.settled_throttled * 100.0,
+                p.settled_limit
+            );
+        }
         if f.lost > 0 || !f.dead.is_empty() {
             return fail(format!(
                 "{}: {} images without an outcome, dead letters {:?}",

@@ -186,6 +186,49 @@ impl RequestMode {
     }
 }
 
+/// The most endpoint calls at once that may be configured.
+pub const MAX_CONCURRENCY: usize = 10_000;
+
+/// `endpoint.concurrency`: a fixed number of calls at once, or `"adaptive"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    Fixed(usize),
+    /// Grows while the endpoint keeps its latency and does not throttle,
+    /// shrinks when it does not (`pipeline::adaptive`).
+    Adaptive,
+}
+
+impl Serialize for Concurrency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Concurrency::Fixed(n) => s.serialize_u64(*n as u64),
+            Concurrency::Adaptive => s.serialize_str("adaptive"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Concurrency, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => usize::try_from(n).map(Concurrency::Fixed).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "endpoint.concurrency: {n} is not a number of calls; use 1 or more, or \"adaptive\""
+                ))
+            }),
+            Raw::Word(w) if w.trim().eq_ignore_ascii_case("adaptive") => Ok(Concurrency::Adaptive),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "endpoint.concurrency: `{w}` is neither a number of calls nor \"adaptive\""
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
@@ -199,8 +242,10 @@ pub struct EndpointConfig {
     pub content_type: String,
     /// Class labels in the order of the model's output.
     pub labels: Vec<String>,
-    /// Concurrent calls.
-    pub concurrency: usize,
+    /// Calls at once: a number, or learnt from the endpoint's answers.
+    pub concurrency: Concurrency,
+    /// The most calls at once an adaptive concurrency may reach.
+    pub max_concurrency: usize,
     /// Deadline of one call.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -770,8 +815,25 @@ impl Config {
                 err("endpoint.labels", format!("label `{label}` appears twice"));
             }
         }
-        if e.concurrency == 0 {
-            err("endpoint.concurrency", "must be at least 1".into());
+        if e.concurrency == Concurrency::Fixed(0) {
+            err(
+                "endpoint.concurrency",
+                "must be at least 1, or \"adaptive\"".into(),
+            );
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&e.max_concurrency) {
+            err(
+                "endpoint.max_concurrency",
+                format!("{} is outside 1..={MAX_CONCURRENCY}", e.max_concurrency),
+            );
+        }
+        if let Concurrency::Fixed(n) = e.concurrency {
+            if n > MAX_CONCURRENCY {
+                err(
+                    "endpoint.concurrency",
+                    format!("{n} is over {MAX_CONCURRENCY}"),
+                );
+            }
         }
         if e.max_attempts == 0 {
             err("endpoint.max_attempts", "must be at least 1".into());
@@ -1365,6 +1427,49 @@ empty = []
         ] {
             assert!(err.contains(want), "missing `{want}` in:\n{err}");
         }
+    }
+
+    #[test]
+    fn endpoint_concurrency_is_adaptive_by_default_a_number_or_refused_by_name() {
+        let cfg = Config::load_with_env(None, valid_env()).unwrap();
+        assert_eq!(cfg.endpoint.concurrency, Concurrency::Adaptive);
+        assert_eq!(cfg.endpoint.max_concurrency, 64);
+        let with = |v: &str| {
+            let mut env = valid_env();
+            env.push(("INFERSTREAM__ENDPOINT__CONCURRENCY".into(), v.into()));
+            Config::load_with_env(None, env)
+        };
+        assert_eq!(
+            with("12").unwrap().endpoint.concurrency,
+            Concurrency::Fixed(12)
+        );
+        assert_eq!(
+            with("Adaptive").unwrap().endpoint.concurrency,
+            Concurrency::Adaptive
+        );
+        for (v, want) in [
+            (
+                "fast",
+                "endpoint.concurrency: `fast` is neither a number of calls nor \"adaptive\"",
+            ),
+            ("-3", "endpoint.concurrency: -3 is not a number of calls"),
+            (
+                "0",
+                "endpoint.concurrency: must be at least 1, or \"adaptive\"",
+            ),
+        ] {
+            let err = with(v).unwrap_err().to_string();
+            assert!(err.contains(want), "{v}: {err}");
+        }
+        let text = "[alerts]\nenabled = false\n[endpoint]\nmax_concurrency = 0\n";
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(
+            err.contains("endpoint.max_concurrency: 0 is outside 1..=10000"),
+            "{err}"
+        );
+        // Printed back as it was given.
+        let cfg = with("12").unwrap();
+        assert!(cfg.redacted_toml().contains("concurrency = 12"));
     }
 
     #[test]

@@ -97,6 +97,7 @@ mod layout_tests {
         ("pipeline::fetch", 13),
         ("pipeline::batch", 14),
         ("pipeline::breaker", 15),
+        ("pipeline::adaptive", 15),
         ("pipeline::infer", 16),
         ("pipeline::route", 17),
         ("pipeline::sink", 18),

@@ -179,6 +179,10 @@ struct EndpointArgs {
     /// for a free one. 0: no limit.
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Calls that may wait for a worker; more are throttled at once
+    /// (ThrottlingException). Unset: any number wait.
+    #[arg(long)]
+    queue: Option<usize>,
     /// Latency added to every call, e.g. 50ms.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     latency: Duration,
@@ -205,7 +209,8 @@ struct EndpointArgs {
     outage_for: Duration,
     /// What calls get during the outage: unavailable (503), model-crash
     /// (424 ModelError from a failed container), access-denied,
-    /// expired-token, unrecognized-client, endpoint-not-found.
+    /// expired-token, unrecognized-client, endpoint-not-found, throttled
+    /// (400 ThrottlingException at once).
     #[arg(long, default_value = "unavailable", value_parser = parse_failure)]
     outage_kind: Failure,
     /// Seed of the fault dice.
@@ -322,6 +327,7 @@ impl From<EndpointArgs> for EndpointOptions {
             name: args.name,
             classes: args.classes.max(1),
             workers: args.workers,
+            queue: args.queue,
             memoize: false,
             faults: Faults {
                 latency: args.latency,

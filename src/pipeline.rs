@@ -13,6 +13,7 @@
 //! and leave the group.
 
 pub mod ack;
+pub mod adaptive;
 pub mod alerts;
 pub mod batch;
 pub mod breaker;
@@ -1313,7 +1314,7 @@ async fn infer_stage(
     // waiting for a call slot, so the endpoint never waits for that. Each
     // is a task: calls keep running (and their deadlines mean what they
     // say) while this stage waits to hand results on.
-    let slots = config.endpoint.concurrency.max(1) + 1;
+    // (The limit may change: adaptive concurrency.)
     let mut running: JoinSet<Inferred> = JoinSet::new();
     let mut open = true;
     loop {
@@ -1383,7 +1384,7 @@ async fn infer_stage(
                 Some(Err(e)) => tracing::error!(error = %e, "an inference task failed"),
                 None => {}
             },
-            batch = rx.recv(), if open && running.len() < slots => match batch {
+            batch = rx.recv(), if open && running.len() <= inferrer.concurrency() => match batch {
                 Some(batch) => {
                     let inferrer = inferrer.clone();
                     running.spawn(async move {

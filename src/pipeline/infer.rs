@@ -11,15 +11,15 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
 
 use crate::clients::aws::{backoff, classify, describe, ErrorClass};
-use crate::config::{EndpointConfig, RequestMode};
+use crate::config::{Concurrency, EndpointConfig, RequestMode};
 use crate::metrics::Metrics;
+use crate::pipeline::adaptive::{self, Limiter, Outcome};
 use crate::pipeline::breaker::{Admission, Breaker};
 use crate::pipeline::fetch::ImageKind;
 use crate::record::DeadLetterReason;
@@ -101,7 +101,7 @@ const BISECT_ATTEMPTS: u32 = 2;
 pub struct Inferrer {
     client: aws_sdk_sagemakerruntime::Client,
     config: Arc<EndpointConfig>,
-    calls: Arc<Semaphore>,
+    calls: Arc<Limiter>,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     breaker: Arc<Breaker>,
@@ -114,10 +114,26 @@ impl Inferrer {
         config: EndpointConfig,
         metrics: Arc<Metrics>,
     ) -> Inferrer {
+        let gauges = Some(adaptive::Gauges {
+            limit: metrics.endpoint_concurrency.clone(),
+            in_flight: metrics.endpoint_in_flight.clone(),
+            rtt: metrics.endpoint_rtt.clone(),
+        });
+        let calls = Arc::new(match config.concurrency {
+            Concurrency::Fixed(n) => Limiter::fixed(n, gauges),
+            Concurrency::Adaptive => Limiter::adaptive(
+                adaptive::Settings {
+                    max: config.max_concurrency,
+                    ..adaptive::Settings::default()
+                },
+                gauges,
+            ),
+        });
         let healthy = Arc::new(AtomicBool::new(true));
         let breaker = {
             let healthy = healthy.clone();
             let metrics = metrics.clone();
+            let calls = calls.clone();
             Breaker::new(
                 config.circuit_failures,
                 config.circuit_open_initial,
@@ -125,18 +141,26 @@ impl Inferrer {
                 move |open| {
                     healthy.store(!open, Ordering::Relaxed);
                     metrics.circuit_open.set(i64::from(open));
+                    if !open {
+                        calls.restart();
+                    }
                 },
             )
         };
         Inferrer {
             client,
-            calls: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            calls,
             config: Arc::new(config),
             metrics,
             healthy,
             breaker,
             canary: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Calls allowed at once now.
+    pub fn concurrency(&self) -> usize {
+        self.calls.limit()
     }
 
     /// False while the circuit is open (the endpoint is down), true again
@@ -338,7 +362,7 @@ impl Inferrer {
         content_type: &str,
     ) -> Result<CallOk, (ErrorClass, String)> {
         let cfg = &self.config;
-        let permit = self.calls.acquire().await;
+        let call = self.calls.acquire().await;
         let start = Instant::now();
         let mut req = self
             .client
@@ -352,7 +376,21 @@ impl Inferrer {
         }
         self.metrics.inference_requests.inc();
         let result = tokio::time::timeout(cfg.timeout, req.send()).await;
-        drop(permit);
+        // Only answers time the model: a refusal may come before it ran.
+        // A container that failed on this request (a ModelError with a
+        // 5xx) says nothing of the load either.
+        call.ended(match &result {
+            Ok(Ok(_)) => Some(Outcome::Answered),
+            Ok(Err(err)) if model_status(err).is_some_and(|s| s >= 500) => None,
+            Ok(Err(err)) => match classify_invoke(err) {
+                ErrorClass::Rejected | ErrorClass::Systemic => None,
+                ErrorClass::Throttled => Some(Outcome::Throttled),
+                ErrorClass::Unavailable | ErrorClass::Timeout | ErrorClass::Network => {
+                    Some(Outcome::Failed)
+                }
+            },
+            Err(_) => Some(Outcome::Failed),
+        });
         let failure = match result {
             Ok(Ok(resp)) => {
                 let duration = start.elapsed();
@@ -409,6 +447,8 @@ impl Inferrer {
     ) -> Result<CallOk, CallError> {
         let cfg = &self.config;
         let mut attempts = 0u32;
+        let mut throttled = 0u32;
+        let mut last_throttle: Option<usize> = None;
         let mut first = Some(make_body());
         let caller = NEXT_CALLER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
@@ -451,6 +491,30 @@ impl Inferrer {
                     continue;
                 }
                 _ => {}
+            }
+            // Adaptive concurrency answers throttling by calling less: while
+            // its limit can still fall, the image waits without spending an
+            // attempt (each throttle cuts the limit, once a round trip). At
+            // one call, throttling counts as failing, towards the circuit,
+            // so that an endpoint that throttles everything opens it and
+            // images wait there. An image throttled again after the limit
+            // rose since its last throttle (other calls brought it back up)
+            // is throttled for itself: its attempts count. So this ends: at
+            // one call, or by a rise.
+            let limit = self.calls.limit();
+            let not_risen = last_throttle.is_none_or(|before| limit <= before);
+            if class == ErrorClass::Throttled {
+                last_throttle = Some(limit);
+            }
+            if class == ErrorClass::Throttled
+                && admission == Admission::Normal
+                && self.calls.can_fall()
+                && not_risen
+            {
+                throttled += 1;
+                tracing::debug!(throttled, %detail, "invoke endpoint throttled; calling less, retrying");
+                tokio::time::sleep(backoff(throttled, cfg.backoff_initial, cfg.backoff_max)).await;
+                continue;
             }
             if self.breaker.failure(admission) {
                 if split_probe && admission == Admission::Probe {
@@ -499,6 +563,14 @@ pub fn classify_invoke(err: &SdkError<InvokeEndpointError, HttpResponse>) -> Err
             ErrorClass::Systemic
         }
         _ => classify(err),
+    }
+}
+
+/// The status the container answered, for a `ModelError`.
+fn model_status(err: &SdkError<InvokeEndpointError, HttpResponse>) -> Option<i32> {
+    match err.as_service_error() {
+        Some(InvokeEndpointError::ModelError(m)) => m.original_status_code(),
+        _ => None,
     }
 }
 

@@ -172,6 +172,7 @@ pub async fn run(mut config: Config, opts: DemoOptions) -> anyhow::Result<Summar
             name: None,
             classes: config.endpoint.labels.len(),
             workers: 0,
+            queue: None,
             memoize: false,
             faults: Faults {
                 latency: Duration::from_millis(5),

@@ -51,6 +51,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::pipeline::adaptive::Limiter;
+
 /// Largest request body accepted, as SageMaker does.
 const MAX_BODY: usize = 6 * 1024 * 1024;
 
@@ -65,6 +67,10 @@ pub struct EndpointOptions {
     /// wait for a free worker (0: no limit). With `latency` L and `workers`
     /// C, the endpoint answers at most C calls per L, whoever calls it.
     pub workers: usize,
+    /// Calls that may wait for a worker; a call beyond them is throttled
+    /// at once (HTTP 400 `ThrottlingException`), as an overloaded endpoint
+    /// does. `None`: any number wait.
+    pub queue: Option<usize>,
     /// Remember the answer for each distinct image instead of decoding it
     /// again (benchmarks: the model's cost is then only the configured
     /// latency, not this process's CPU).
@@ -114,17 +120,20 @@ pub enum Failure {
     UnrecognizedClient,
     /// 400 `ValidationError` "Endpoint … not found".
     EndpointNotFound,
+    /// 400 `ThrottlingException`, at once: no room for any call.
+    Throttled,
 }
 
 impl Failure {
     /// Every kind, with the name `--outage-kind` takes.
-    pub const ALL: [(Failure, &'static str); 6] = [
+    pub const ALL: [(Failure, &'static str); 7] = [
         (Failure::Unavailable, "unavailable"),
         (Failure::ModelCrash, "model-crash"),
         (Failure::AccessDenied, "access-denied"),
         (Failure::ExpiredToken, "expired-token"),
         (Failure::UnrecognizedClient, "unrecognized-client"),
         (Failure::EndpointNotFound, "endpoint-not-found"),
+        (Failure::Throttled, "throttled"),
     ];
 
     /// The kind named `name` (see [`Failure::ALL`]).
@@ -165,6 +174,11 @@ impl Failure {
                 StatusCode::BAD_REQUEST,
                 "ValidationError",
                 &format!("Endpoint {endpoint} of account 000000000000 not found. (injected)"),
+            ),
+            Failure::Throttled => aws_error(
+                StatusCode::BAD_REQUEST,
+                "ThrottlingException",
+                "Rate exceeded (injected).",
             ),
         }
     }
@@ -239,7 +253,9 @@ struct AppState {
     started: Instant,
     dice: Mutex<fastrand::Rng>,
     stats: Arc<EndpointStats>,
-    workers: Option<Arc<tokio::sync::Semaphore>>,
+    workers: Option<Arc<Limiter>>,
+    /// Calls waiting for a worker.
+    queued: std::sync::atomic::AtomicUsize,
     memo: Mutex<HashMap<u64, Vec<f64>>>,
 }
 
@@ -253,12 +269,21 @@ pub struct RunningEndpoint {
     /// Switches a failure of every call on and off.
     pub control: Arc<EndpointControl>,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    workers: Option<Arc<Limiter>>,
 }
 
 impl RunningEndpoint {
     /// The URL to use as `aws.sagemaker.endpoint_url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Changes the number of workers (an endpoint scaling in or out);
+    /// calls being served finish first. No effect without workers.
+    pub fn set_workers(&self, n: usize) {
+        if let Some(w) = &self.workers {
+            w.set_limit(n);
+        }
     }
 }
 
@@ -271,10 +296,12 @@ pub fn spawn(
     let addr = listener.local_addr()?;
     let stats = Arc::new(EndpointStats::default());
     let control = Arc::new(EndpointControl::default());
+    let workers = (opts.workers > 0).then(|| Arc::new(Limiter::fixed(opts.workers, None)));
     let state = Arc::new(AppState {
         control: control.clone(),
         dice: Mutex::new(fastrand::Rng::with_seed(opts.faults.seed)),
-        workers: (opts.workers > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.workers))),
+        workers: workers.clone(),
+        queued: Default::default(),
         memo: Mutex::new(HashMap::new()),
         opts,
         started: Instant::now(),
@@ -297,6 +324,7 @@ pub fn spawn(
         stats,
         control,
         task,
+        workers,
     })
 }
 
@@ -498,9 +526,35 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
         .images
         .fetch_add(images.len() as u64, Ordering::Relaxed);
 
-    // A call waits for a free worker, then takes the whole latency.
+    // A call waits for a free worker, then takes the whole latency; when
+    // `queue` calls wait already, it is throttled at once.
     let _worker = match &state.workers {
-        Some(w) => w.clone().acquire_owned().await.ok(),
+        Some(w) => match w.try_acquire() {
+            Some(worker) => Some(worker),
+            None => {
+                // Counted out again however the wait ends (a caller that
+                // hangs up drops this future).
+                struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+                impl Drop for Queued<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let waiting = state.queued.fetch_add(1, Ordering::SeqCst);
+                let queued = Queued(&state.queued);
+                if state.opts.queue.is_some_and(|q| waiting >= q) {
+                    stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    return aws_error(
+                        StatusCode::BAD_REQUEST,
+                        "ThrottlingException",
+                        "Rate exceeded: every worker is busy and the queue is full.",
+                    );
+                }
+                let worker = w.acquire().await;
+                drop(queued);
+                Some(worker)
+            }
+        },
         None => None,
     };
     let dice = state.roll();
@@ -542,8 +596,13 @@ async fn invoke(state: Arc<AppState>, headers: &HeaderMap, body: Bytes) -> Respo
     };
     match dice {
         Dice::Outage(failure) => {
-            wait_until(answer_at).await;
-            stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            // Throttling is answered at once, before any work.
+            if failure == Failure::Throttled {
+                stats.throttled.fetch_add(1, Ordering::Relaxed);
+            } else {
+                wait_until(answer_at).await;
+                stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            }
             let name = state.opts.name.as_deref().unwrap_or("image-classifier");
             return failure.response(name);
         }

@@ -228,6 +228,12 @@ impl Stack {
     /// Kafka, moto (with bucket `uploads`, an SNS topic and an SQS queue
     /// subscribed to it) and an endpoint with `faults`.
     pub async fn start(faults: Faults) -> Stack {
+        Stack::start_with_workers(faults, 0, None).await
+    }
+
+    /// A stack whose endpoint serves `workers` calls at once (0: any
+    /// number) and throttles a call when `queue` calls wait already.
+    pub async fn start_with_workers(faults: Faults, workers: usize, queue: Option<usize>) -> Stack {
         let kafka = MockCluster::new(1).expect("mock cluster");
         for t in [INPUT, RESULTS, REVIEW, DEAD, ALERT_STATE] {
             kafka.create_topic(t, PARTITIONS, 1).expect("create topic");
@@ -290,7 +296,8 @@ impl Stack {
             EndpointOptions {
                 name: Some("image-classifier".into()),
                 classes: 2,
-                workers: 0,
+                workers,
+                queue,
                 memoize: false,
                 faults,
             },

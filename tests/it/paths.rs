@@ -849,3 +849,47 @@ async fn a_byte_budget_smaller_than_an_image_lets_every_image_through() {
     out.all_predicted(&stack, n, MINUTE).await;
     assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
 }
+
+/// Review of issue #16: an endpoint that starts throttling every call while
+/// adaptive concurrency has a high limit. The images must wait (the limit
+/// falls to one call, then the circuit opens), not spend their attempts
+/// and be dead-lettered while the limit comes down.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_that_throttles_everything_makes_images_wait_not_fail() {
+    let faults = Faults {
+        latency: Duration::from_millis(300),
+        ..Faults::default()
+    };
+    let stack = Stack::start(faults).await;
+    let n = 600;
+    let (uploads, events) = upload_images(&stack, n, "throttled").await;
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("ENDPOINT__MODE", "per-image"),
+            ("ENDPOINT__CONCURRENCY", "adaptive"),
+            ("ENDPOINT__MAX_ATTEMPTS", "5"),
+            ("ENDPOINT__CIRCUIT_OPEN_INITIAL", "500ms"),
+        ])
+        .await;
+    service
+        .wait_metric("inferstream_endpoint_concurrency_limit", &[], MINUTE, |v| {
+            v >= 16.0
+        })
+        .await;
+    stack.endpoint.control.fail_with(Some(Failure::Throttled));
+    service
+        .wait_metric("inferstream_endpoint_circuit_open", &[], MINUTE, |v| {
+            v == 1.0
+        })
+        .await;
+    stack.endpoint.control.fail_with(None);
+
+    let mut out = stack.collector();
+    out.all_predicted(&stack, n, MINUTE).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    let (missing, _) = tally(&uploads, &out.records);
+    assert!(missing.is_empty(), "never predicted: {missing:?}");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(stack.endpoint.stats.throttled.load(Relaxed) > 16);
+}

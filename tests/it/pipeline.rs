@@ -638,6 +638,53 @@ async fn batch_mode_isolates_the_image_the_model_rejects() {
     );
 }
 
+/// An endpoint with two workers that throttles every call beyond them, and
+/// images with five attempts each (the fewest the circuit allows):
+/// adaptive concurrency finds the endpoint's capacity, and throttling costs
+/// no image.
+#[tokio::test(flavor = "multi_thread")]
+async fn adaptive_concurrency_learns_an_endpoint_that_throttles_beyond_two_workers() {
+    let faults = Faults {
+        latency: Duration::from_millis(50),
+        ..Faults::default()
+    };
+    let stack = Stack::start_with_workers(faults, 2, Some(0)).await;
+    let (uploads, events) = upload_images(&stack, 300, "per-image").await;
+    stack.produce(&events).await;
+    let service = stack
+        .service(&[
+            ("ENDPOINT__MODE", "per-image"),
+            ("ENDPOINT__CONCURRENCY", "adaptive"),
+            ("ENDPOINT__MAX_CONCURRENCY", "32"),
+            ("ENDPOINT__MAX_ATTEMPTS", "5"),
+        ])
+        .await;
+    let mut out = stack.collector();
+    out.all_predicted(&stack, uploads.len(), MINUTE).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &stack.endpoint.stats;
+    let (calls, throttled) = (stats.requests.load(Relaxed), stats.throttled.load(Relaxed));
+    // It went past the capacity to find it, and seldom again.
+    assert!(throttled > 0, "never throttled: the limit never passed 2");
+    assert!(
+        throttled * 10 < calls,
+        "{throttled} of {calls} calls throttled"
+    );
+    let limit = service
+        .metric("inferstream_endpoint_concurrency_limit", &[])
+        .await;
+    assert!((1.0..=3.0).contains(&limit), "limit {limit}");
+    assert!(
+        service
+            .metric("inferstream_endpoint_rtt_seconds", &[])
+            .await
+            >= 0.05
+    );
+}
+
 async fn faulty_endpoint(mode: &str) {
     // 15% 500s, 15% throttling, and 5% of calls slower than the timeout.
     let faults = Faults {
