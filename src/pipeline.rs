@@ -1310,11 +1310,11 @@ async fn infer_stage(
         truth,
         recent,
     } = watchers;
-    // One batch more than calls allowed: it builds its request while
-    // waiting for a call slot, so the endpoint never waits for that. Each
-    // is a task: calls keep running (and their deadlines mean what they
-    // say) while this stage waits to hand results on.
-    // (The limit may change: adaptive concurrency.)
+    // One batch more than calls allowed (a limit adaptive concurrency may
+    // change): it builds its request while waiting for a call slot, so the
+    // endpoint never waits for that. Each is a task: calls keep running
+    // (and their deadlines mean what they say) while this stage waits to
+    // hand results on.
     let mut running: JoinSet<Inferred> = JoinSet::new();
     let mut open = true;
     loop {

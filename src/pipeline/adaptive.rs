@@ -248,9 +248,9 @@ impl Aimd {
 
     /// The limit after a window that reached it calmly: doubled in the
     /// slow start, else one more; but the level last throttled is tried
-    /// again only after enough calm windows just below it (`PATIENCE_*`), so that the
-    /// server is pushed to throttle seldom. A calm window at that level
-    /// forgets it.
+    /// again only after enough calm windows just below it (`PATIENCE_*`),
+    /// so that the server is pushed to throttle seldom. A calm window at
+    /// that level forgets it.
     fn grown(&mut self) -> usize {
         if self.slow_start {
             return self.limit * 2;
@@ -446,16 +446,10 @@ impl Limiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the limit of a fixed limiter (an adaptive one goes on learning
-    /// from there).
+    /// Sets the limit of a fixed limiter (the test endpoint's workers).
     pub fn set_limit(&self, n: usize) {
-        let mut n = n.max(1);
         let mut state = self.lock();
-        if let Some(aimd) = state.aimd.as_mut() {
-            n = n.min(aimd.settings.max);
-            aimd.limit = n;
-        }
-        self.resize(&mut state, n);
+        self.resize(&mut state, n.max(1));
     }
 
     /// Moves the limit to `new`: slots free now are added or taken away;
