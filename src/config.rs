@@ -841,6 +841,14 @@ impl Config {
         if e.timeout.is_zero() {
             err("endpoint.timeout", "must be above zero".into());
         }
+        if e.backoff_initial < Duration::from_millis(1) {
+            // Zero would retry throttled calls at once, as fast as the
+            // endpoint can refuse them.
+            err(
+                "endpoint.backoff_initial",
+                "must be at least 1ms (e.g. \"100ms\")".into(),
+            );
+        }
         if e.backoff_initial > e.backoff_max {
             err(
                 "endpoint.backoff_initial",
@@ -1537,9 +1545,12 @@ empty = []
             max_images = 0
             [metrics]
             listen = "nowhere"
+            [endpoint]
+            backoff_initial = "0s"
         "#;
         let err = Config::from_toml_str(text).unwrap_err().to_string();
         for needle in [
+            "endpoint.backoff_initial: must be at least 1ms",
             "kafka.results_topic: is the input topic",
             "route.threshold: 1.5 is outside",
             "route.label_thresholds.cat: `cat` is not one of endpoint.labels",

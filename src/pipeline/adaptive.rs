@@ -22,8 +22,9 @@
 //!
 //! It starts slow (TCP's slow start): the limit doubles each window that
 //! reached it, until the first sign of congestion halves it; from then on
-//! it grows by one. It starts slow again after failing down to one call,
-//! and when the caller says an outage ended ([`Limiter::restart`]).
+//! it grows by one. It starts slow again after failing down to one call or
+//! being throttled even at one call, and when the caller says an outage
+//! ended ([`Limiter::restart`]).
 //!
 //! [`Limiter`] applies a limit, fixed or learnt, to calls in flight.
 
@@ -37,9 +38,10 @@ use tokio::sync::Semaphore;
 const QUEUEING: f64 = 1.15;
 /// The unloaded RTT is the lowest mean of 8 or more answers (a sample) of
 /// the last 64 to 128 samples, so that a server that got slower for good
-/// is followed (and at a limit of 1, when this process cannot be making
-/// the server queue, a sample's mean as it is). A mean of fewer answers is
-/// too noisy to hold against the lowest of many.
+/// is followed, by at most `QUEUEING` an epoch of 64 samples (and at a
+/// limit of 1, when this process cannot be making the server queue, a
+/// sample's mean as it is). A mean of fewer answers is too noisy to hold
+/// against the lowest of many.
 const FLOOR_SAMPLES: u32 = 64;
 const SAMPLE_ANSWERS: u32 = 8;
 
@@ -84,6 +86,28 @@ pub enum Outcome {
     Failed,
 }
 
+/// What one caller remembers of its throttles, to tell the endpoint
+/// throttling the load from the endpoint throttling this call.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Throttles {
+    /// The limit's rise count at the last throttle.
+    seen: Option<u64>,
+}
+
+impl Throttles {
+    /// After a throttle: whether the caller may wait and try again without
+    /// spending an attempt. Yes while the limit is learnt and can still
+    /// fall (`can_fall`), until it has risen (`rises`, [`Aimd::rises`])
+    /// since this caller's last throttle: then other calls were answered
+    /// enough to bring it back up, and the endpoint throttles this call
+    /// for itself.
+    pub fn free(&mut self, rises: u64, can_fall: bool) -> bool {
+        let risen = self.seen.is_some_and(|seen| seen != rises);
+        self.seen = Some(rises);
+        can_fall && !risen
+    }
+}
+
 /// The AIMD controller.
 #[derive(Debug, Clone)]
 pub struct Aimd {
@@ -116,6 +140,8 @@ pub struct Aimd {
     /// passes calmly; and the calm windows spent just below it.
     ceiling: Option<usize>,
     calm: u32,
+    /// How many times the limit rose.
+    rises: u64,
 }
 
 impl Aimd {
@@ -140,6 +166,7 @@ impl Aimd {
             last_cut: None,
             ceiling: None,
             calm: 0,
+            rises: 0,
         }
     }
 
@@ -157,6 +184,11 @@ impl Aimd {
             self.ceiling = None;
             self.calm = 0;
         }
+    }
+
+    /// How many times the limit rose so far.
+    pub fn rises(&self) -> u64 {
+        self.rises
     }
 
     /// The long-run mean RTT, once there is one.
@@ -187,13 +219,15 @@ impl Aimd {
             Outcome::Throttled | Outcome::Failed => {
                 let stale = self.last_cut.is_some_and(|c| began < c);
                 if !stale && self.cut_before(now, window) {
+                    let at_one = self.limit == 1;
                     if outcome == Outcome::Throttled {
                         self.ceiling = Some(self.limit);
                     }
                     self.cut(now);
-                    // Failing, not full, down to one call: when it answers
-                    // again, find its capacity as at the start.
-                    if outcome == Outcome::Failed && self.limit == 1 {
+                    // Failing, not full, down to one call, or throttled
+                    // even at one call (no room at all: an outage): when
+                    // it answers again, find its capacity as at the start.
+                    if self.limit == 1 && (outcome == Outcome::Failed || at_one) {
                         self.slow_start = true;
                         self.ceiling = None;
                     }
@@ -322,7 +356,11 @@ impl Aimd {
         if queueing && self.cut_before(now, window * 2) {
             self.cut(now);
         } else if !queueing && self.window_reached_limit {
-            self.limit = self.grown().min(s.max);
+            let grown = self.grown().min(s.max);
+            if grown > self.limit {
+                self.rises += 1;
+            }
+            self.limit = grown;
         }
         match sample {
             Some((mean, _, limit)) if limit <= 1 => {
@@ -340,7 +378,18 @@ impl Aimd {
                 self.floor_rtt = Some(self.floor_rtt.map_or(mean, |f| f.min(mean)));
                 self.floor_samples += 1;
                 if self.floor_samples >= FLOOR_SAMPLES {
-                    self.floor_last_epoch = self.floor_rtt.take();
+                    // The floor follows a server that got slower by at
+                    // most `QUEUEING` an epoch. A higher one is queueing
+                    // that lasted an epoch (the limit still on its way
+                    // down to a capacity that fell): the old floor stays,
+                    // and the cuts go on. A server much slower for good
+                    // brings the limit down to one call, where a sample
+                    // is the floor as it is.
+                    let epoch = self.floor_rtt.take();
+                    self.floor_last_epoch = match (epoch, self.floor_last_epoch) {
+                        (Some(new), Some(old)) if new > old * QUEUEING => Some(old),
+                        _ => epoch,
+                    };
                     self.floor_samples = 0;
                 }
             }
@@ -435,10 +484,14 @@ impl Limiter {
         }
     }
 
-    /// Whether the limit is learnt (and can still fall) rather than fixed.
-    pub fn can_fall(&self) -> bool {
+    /// A caller was throttled: whether it may try again without spending
+    /// an attempt ([`Throttles::free`]); never with a fixed limit.
+    pub fn throttled(&self, throttles: &mut Throttles) -> bool {
         let state = self.lock();
-        state.aimd.is_some() && state.limit > 1
+        match &state.aimd {
+            Some(aimd) => throttles.free(aimd.rises(), state.limit > 1),
+            None => false,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -772,5 +825,98 @@ mod tests {
         assert_eq!(*seen.last().unwrap(), 8);
         let seen = drive(&mut aimd, &mut t, 1, 0, 100);
         assert!(seen.iter().all(|l| *l >= 1));
+    }
+
+    #[test]
+    fn an_image_throttled_for_itself_spends_attempts_once_the_limit_rose_again() {
+        let mut aimd = Aimd::new(Settings {
+            max: 8,
+            ..Settings::default()
+        });
+        let mut t = Instant::now();
+        let rtt = Duration::from_millis(50);
+        let throttle = |aimd: &mut Aimd, t: &mut Instant| {
+            aimd.started(*t, aimd.limit());
+            *t += rtt * 3;
+            aimd.ended(*t, rtt, Outcome::Throttled);
+        };
+        // Other calls keep the limit at its maximum; a first throttle has
+        // ended the slow start.
+        drive(&mut aimd, &mut t, 1000, 1000, 20);
+        throttle(&mut aimd, &mut t);
+        drive(&mut aimd, &mut t, 1000, 1000, 100);
+        assert_eq!(aimd.limit(), 8);
+        // One image the endpoint always throttles, retried after the other
+        // calls brought the limit back up each time (its cut, 8 to 7, is
+        // undone by them): its first throttle is the load's, the next is
+        // its own.
+        let mut x = Throttles::default();
+        let mut free = 0;
+        for _ in 0..10 {
+            throttle(&mut aimd, &mut t);
+            assert_eq!(aimd.limit(), 7);
+            if !x.free(aimd.rises(), aimd.limit() > 1) {
+                break;
+            }
+            free += 1;
+            drive(&mut aimd, &mut t, 1000, 1000, 100);
+            assert_eq!(aimd.limit(), 8);
+        }
+        assert_eq!(free, 1, "throttles not counted as attempts");
+        // With no rise in between, throttles stay the load's.
+        let mut y = Throttles::default();
+        assert!(y.free(aimd.rises(), true));
+        assert!(y.free(aimd.rises(), true));
+        assert!(!y.free(aimd.rises(), false), "at one call they count");
+    }
+
+    #[test]
+    fn throttled_even_at_one_call_it_starts_slow_again() {
+        let mut aimd = Aimd::new(Settings {
+            max: 64,
+            ..Settings::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut aimd, &mut t, 1000, 1000, 300);
+        assert_eq!(aimd.limit(), 64);
+        // Every call throttled, a round trip apart, down to one call and
+        // once more there.
+        let mut rounds = 0;
+        loop {
+            let at_one = aimd.limit() == 1;
+            aimd.started(t, aimd.limit());
+            t += Duration::from_millis(120);
+            aimd.ended(t, Duration::from_millis(50), Outcome::Throttled);
+            rounds += 1;
+            assert!(rounds < 200, "never down to 1: {}", aimd.limit());
+            if at_one {
+                break;
+            }
+        }
+        // It answers again: doubling, not one call more a round trip.
+        let seen = drive(&mut aimd, &mut t, 1000, 1000, 8);
+        assert!(*seen.last().unwrap_or(&0) >= 32, "{seen:?}");
+    }
+
+    #[test]
+    fn a_queueing_server_whose_capacity_falls_is_followed_down() {
+        let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len() as f64;
+        let mut aimd = Aimd::new(Settings {
+            max: 64,
+            ..Settings::default()
+        });
+        let mut t = Instant::now();
+        drive(&mut aimd, &mut t, 1000, 1000, 300);
+        assert_eq!(aimd.limit(), 64);
+        // Capacity 2, calls beyond it queue (none is throttled): the way
+        // down is long enough for the lowest RTT of late to be queued. It
+        // was taken for the floor, and the limit settled at 10.8 (at 27
+        // for a capacity of 1). Below 8 calls a sample takes more than a
+        // window and growth outruns it: it settles at 6 to 7.
+        let down = drive(&mut aimd, &mut t, 2, 1000, 2000);
+        assert!(mean(&down[1000..]) <= 7.0, "{:?}", &down[1000..1100]);
+        drive(&mut aimd, &mut t, 16, 1000, 300);
+        let down = drive(&mut aimd, &mut t, 1, 1000, 2000);
+        assert!(mean(&down[1000..]) <= 7.0, "{:?}", &down[1000..1100]);
     }
 }

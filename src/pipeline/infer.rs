@@ -19,7 +19,7 @@ use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
 use crate::clients::aws::{backoff, classify, describe, ErrorClass};
 use crate::config::{Concurrency, EndpointConfig, RequestMode};
 use crate::metrics::Metrics;
-use crate::pipeline::adaptive::{self, Limiter, Outcome};
+use crate::pipeline::adaptive::{self, Limiter, Outcome, Throttles};
 use crate::pipeline::breaker::{Admission, Breaker};
 use crate::pipeline::fetch::ImageKind;
 use crate::record::DeadLetterReason;
@@ -448,7 +448,7 @@ impl Inferrer {
         let cfg = &self.config;
         let mut attempts = 0u32;
         let mut throttled = 0u32;
-        let mut last_throttle: Option<usize> = None;
+        let mut throttles = Throttles::default();
         let mut first = Some(make_body());
         let caller = NEXT_CALLER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
@@ -501,15 +501,9 @@ impl Inferrer {
             // rose since its last throttle (other calls brought it back up)
             // is throttled for itself: its attempts count. So this ends: at
             // one call, or by a rise.
-            let limit = self.calls.limit();
-            let not_risen = last_throttle.is_none_or(|before| limit <= before);
-            if class == ErrorClass::Throttled {
-                last_throttle = Some(limit);
-            }
             if class == ErrorClass::Throttled
                 && admission == Admission::Normal
-                && self.calls.can_fall()
-                && not_risen
+                && self.calls.throttled(&mut throttles)
             {
                 throttled += 1;
                 tracing::debug!(throttled, %detail, "invoke endpoint throttled; calling less, retrying");
