@@ -122,6 +122,9 @@ pub struct S3Config {
     pub endpoint_url: String,
     /// Bucket in the path instead of the host name.
     pub force_path_style: bool,
+    /// The fetch stage's GetObject without the SDK's per-request
+    /// orchestration (see `clients::s3get`); false: through the SDK.
+    pub lean_get_object: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -91,6 +91,7 @@ mod layout_tests {
         ("clients", 2),
         ("clients::aws", 2),
         ("clients::kafka", 2),
+        ("clients::s3get", 3),
         ("pipeline::ack", 10),
         ("pipeline::source", 11),
         ("pipeline::decode", 12),

@@ -181,6 +181,13 @@ pub async fn start_with(
     let tracker = Tracker::new(metrics.clone());
     let fetcher = Fetcher::new(
         crate::clients::aws::s3_client(&sdk, &config),
+        config.aws.s3.lean_get_object.then(|| {
+            crate::clients::s3get::LeanS3::new(
+                &sdk,
+                &config.aws.s3.endpoint_url,
+                config.aws.s3.force_path_style,
+            )
+        }),
         config.fetch.clone(),
         metrics.clone(),
     );

@@ -102,6 +102,7 @@ const SYSTEMIC_CODES: &[&str] = &[
     "MissingAuthenticationToken",
     "IncompleteSignature",
     "RequestExpired",
+    "RequestTimeTooSkewed",
     "NotAuthorized",
     "AuthFailure",
 ];
@@ -254,6 +255,7 @@ mod tests {
             "AccessDeniedException",
             "ExpiredTokenException",
             "UnrecognizedClientException",
+            "RequestTimeTooSkewed",
         ] {
             assert_eq!(
                 classify_code(Some(code), Some(400)),

@@ -3,10 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use bytes::{Bytes, BytesMut};
 
 use crate::clients::aws::{backoff, classify, describe, ErrorClass};
+use crate::clients::s3get::{GetError, LeanS3, Object, Target};
 use crate::config::FetchConfig;
 use crate::pipeline::decode::ImageRef;
 use crate::record::DeadLetterReason;
@@ -74,6 +77,8 @@ fn fail(reason: DeadLetterReason, detail: impl Into<String>) -> FetchError {
 #[derive(Clone)]
 pub struct Fetcher {
     client: aws_sdk_s3::Client,
+    /// The lean GetObject, unless `aws.s3.lean_get_object` is off.
+    lean: Option<Arc<LeanS3>>,
     config: FetchConfig,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -84,13 +89,17 @@ enum Attempt {
 }
 
 impl Fetcher {
+    /// GetObjects go through `lean` when given, else through `client`,
+    /// which also serves the buckets `lean` cannot.
     pub fn new(
         client: aws_sdk_s3::Client,
+        lean: Option<LeanS3>,
         config: FetchConfig,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Fetcher {
         Fetcher {
             client,
+            lean: lean.map(Arc::new),
             config,
             metrics,
         }
@@ -166,27 +175,31 @@ impl Fetcher {
     /// One GetObject and its body; `Fetched::duration` is its time alone.
     async fn attempt(&self, img: &ImageRef) -> Attempt {
         let start = Instant::now();
-        let mut req = self.client.get_object().bucket(&img.bucket).key(&img.key);
-        if let Some(v) = &img.version_id {
-            req = req.version_id(v);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(err) => {
-                let not_found =
-                    matches!(err.as_service_error(), Some(GetObjectError::NoSuchKey(_)))
-                        || err.raw_response().map(|r| r.status().as_u16()) == Some(404);
-                if not_found {
-                    return Attempt::Done(Err(fail(
-                        DeadLetterReason::ObjectNotFound,
-                        format!(
-                            "s3://{}/{} does not exist (deleted after the event?)",
-                            img.bucket, img.key
-                        ),
-                    )));
+        let got = match &self.lean {
+            Some(lean) => match lean.target(&img.bucket).await {
+                Target::Lean(endpoint) => {
+                    lean.get(&endpoint, &img.key, img.version_id.as_deref())
+                        .await
                 }
-                let class = classify(&err);
-                let detail = describe(&err);
+                Target::Sdk(_) => self.sdk_get(img).await,
+                Target::Invalid(why) => {
+                    Err(GetError::Failed(ErrorClass::Rejected, why.to_string()))
+                }
+            },
+            None => self.sdk_get(img).await,
+        };
+        let resp = match got {
+            Ok(r) => r,
+            Err(GetError::NotFound) => {
+                return Attempt::Done(Err(fail(
+                    DeadLetterReason::ObjectNotFound,
+                    format!(
+                        "s3://{}/{} does not exist (deleted after the event?)",
+                        img.bucket, img.key
+                    ),
+                )))
+            }
+            Err(GetError::Failed(class, detail)) => {
                 return if class.retryable() {
                     Attempt::Retry(class, detail)
                 } else {
@@ -195,16 +208,16 @@ impl Fetcher {
             }
         };
         let max = self.config.max_object_bytes;
-        if let Some(len) = resp.content_length() {
-            if len < 0 || len as u64 > max {
+        if let Some(len) = resp.content_length {
+            if len > max {
                 return Attempt::Done(Err(fail(
                     DeadLetterReason::ObjectTooLarge,
                     format!("object is {len} bytes; fetch.max_object_bytes is {max}"),
                 )));
             }
         }
-        let etag = resp.e_tag().map(|e| e.trim_matches('"').to_string());
-        let capacity = resp.content_length().unwrap_or(0).clamp(0, max as i64) as usize;
+        let etag = resp.etag;
+        let capacity = resp.content_length.unwrap_or(0).min(max) as usize;
         let mut body = resp.body;
         let mut buf = BytesMut::with_capacity(capacity);
         loop {
@@ -247,6 +260,35 @@ impl Fetcher {
             etag,
             duration: start.elapsed(),
         }))
+    }
+}
+
+impl Fetcher {
+    /// GetObject through the SDK, its answer as the lean path gives it.
+    async fn sdk_get(&self, img: &ImageRef) -> Result<Object, GetError> {
+        let mut req = self.client.get_object().bucket(&img.bucket).key(&img.key);
+        if let Some(v) = &img.version_id {
+            req = req.version_id(v);
+        }
+        match req.send().await {
+            Ok(r) => Ok(Object {
+                // A negative length is as good as none: the body is
+                // counted as it is read.
+                content_length: r.content_length().and_then(|l| u64::try_from(l).ok()),
+                etag: r.e_tag().map(|e| e.trim_matches('"').to_string()),
+                body: r.body,
+            }),
+            Err(err) => {
+                let not_found =
+                    matches!(err.as_service_error(), Some(GetObjectError::NoSuchKey(_)))
+                        || err.raw_response().map(|r| r.status().as_u16()) == Some(404);
+                if not_found {
+                    Err(GetError::NotFound)
+                } else {
+                    Err(GetError::Failed(classify(&err), describe(&err)))
+                }
+            }
+        }
     }
 }
 

@@ -675,7 +675,9 @@ async fn signing_keys(sdk: &aws_config::SdkConfig) -> anyhow::Result<(String, St
     ))
 }
 
-async fn serve_s3(
+/// The embedded S3 (s3s over the file system under `root`), checking
+/// SigV4 signatures made with `key` and `secret`; stops with `stop`.
+pub async fn serve_s3(
     root: &std::path::Path,
     key: &str,
     secret: &str,

@@ -12,6 +12,7 @@ mod console;
 mod crash;
 mod harness;
 mod hostile;
+mod lean_get;
 mod monitor;
 mod paths;
 mod pipeline;

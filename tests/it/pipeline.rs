@@ -171,9 +171,13 @@ async fn happy_path(mode: &str, n: usize) {
     } else {
         "sagemaker"
     };
+    // GetObject through the SDK in batch mode, the lean path in per-image
+    // mode: both read every image.
+    let lean = if mode == "batch" { "false" } else { "true" };
     let service = stack
         .service(&[
             ("ENDPOINT__MODE", mode),
+            ("AWS__S3__LEAN_GET_OBJECT", lean),
             ("CAPTURE__FORMAT", format),
             ("CAPTURE__ENABLED", "true"),
             ("CAPTURE__DESTINATION", &destination),
