@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
@@ -37,6 +37,7 @@ use aws_smithy_runtime_api::client::http::{
 };
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::Document;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::clients::aws::{classify_code, ErrorClass};
@@ -62,6 +63,9 @@ const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 /// How long credentials without an expiry are kept (the SDK's identity
 /// cache keeps them 15 minutes).
 const NO_EXPIRY_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
+/// After a failed refresh with credentials still valid, the next try.
+const RETRY_REFRESH: Duration = Duration::from_secs(10);
 
 /// The longest wait for the credential chain (the SDK's load timeout).
 const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,7 +98,7 @@ pub struct Endpoint {
     signing_name: String,
 }
 
-/// What GetObject answered with a 200.
+/// What GetObject answered with a 2xx.
 #[derive(Debug)]
 pub struct Object {
     pub content_length: Option<u64>,
@@ -112,11 +116,19 @@ pub enum GetError {
     Failed(ErrorClass, String),
 }
 
+/// Credentials as signed with, and when to load them again.
+#[derive(Clone)]
+struct Cached {
+    identity: Identity,
+    refresh_at: SystemTime,
+    expiry: Option<SystemTime>,
+}
+
 /// The lean GetObject client; one is shared by all fetches.
 pub struct LeanS3 {
     connector: SharedHttpConnector,
     credentials: Option<SharedCredentialsProvider>,
-    identity: Mutex<Option<(Identity, Instant)>>,
+    identity: Mutex<Option<Cached>>,
     /// One credential load at a time.
     loading: tokio::sync::Mutex<()>,
     region: Option<String>,
@@ -235,13 +247,34 @@ impl LeanS3 {
             return Target::Sdk("its endpoint asks for extra headers".into());
         }
         // Plain S3 endpoints have no properties; S3 Express says
-        // `backend`, and older rule sets listed auth schemes here. Whatever
-        // it is, the SDK knows what to do with it.
+        // `backend`. Whatever it is, the SDK knows what to do with it.
         if !endpoint.properties().is_empty() {
             let mut keys: Vec<&str> = endpoint.properties().keys().map(|k| k.as_ref()).collect();
             keys.sort_unstable();
             return Target::Sdk(format!("its endpoint has properties {keys:?}").into());
         }
+        // Signed as the endpoint says (a region of its own for
+        // `aws-global`, `s3-outposts` for Outposts access points); any
+        // scheme but SigV4 is the SDK's.
+        let region = self.region.clone().unwrap_or_default();
+        let (signing_region, signing_name) = match endpoint.auth_schemes().first() {
+            None => (region, "s3".to_string()),
+            Some(scheme) if scheme.name() == "sigv4" => {
+                let text = |key: &str| match scheme.get(key) {
+                    Some(Document::String(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                (
+                    text("signingRegion").unwrap_or(region),
+                    text("signingName").unwrap_or_else(|| "s3".to_string()),
+                )
+            }
+            Some(scheme) => {
+                return Target::Sdk(
+                    format!("its endpoint asks for auth scheme {:?}", scheme.name()).into(),
+                )
+            }
+        };
         let base = endpoint.url().trim_end_matches('/').to_string();
         let host = match base.parse::<http::Uri>() {
             Ok(uri) => match uri.authority() {
@@ -253,8 +286,8 @@ impl LeanS3 {
         Target::Lean(Arc::new(Endpoint {
             base,
             host,
-            signing_region: self.region.clone().unwrap_or_default(),
-            signing_name: "s3".to_string(),
+            signing_region,
+            signing_name,
         }))
     }
 
@@ -287,7 +320,7 @@ impl LeanS3 {
                 .get(name)
                 .map(|v| v.trim_matches('"').to_string())
         };
-        if status == 200 {
+        if (200..300).contains(&status) {
             return Ok(Object {
                 content_length: header("content-length").and_then(|v| v.parse().ok()),
                 etag: header("etag"),
@@ -375,20 +408,32 @@ impl LeanS3 {
     }
 
     /// The cached identity, loaded from the credential chain when missing
-    /// or about to expire.
+    /// or about to expire. Wall-clock times, as the credentials' expiry
+    /// is (a host suspended for a while must not trust a monotonic clock).
+    ///
+    /// One caller loads at a time. While it does, and if loading fails,
+    /// the others keep signing with the cached identity until it actually
+    /// expires: a credential source that fails for a moment costs nothing.
     async fn identity(&self) -> Result<Identity, GetError> {
-        let fresh = || {
-            lock(&self.identity)
-                .as_ref()
-                .filter(|(_, refresh_at)| Instant::now() < *refresh_at)
-                .map(|(id, _)| id.clone())
-        };
-        if let Some(id) = fresh() {
-            return Ok(id);
+        let cached = lock(&self.identity).clone();
+        let now = SystemTime::now();
+        if let Some(c) = &cached {
+            if now < c.refresh_at {
+                return Ok(c.identity.clone());
+            }
         }
-        let _one = self.loading.lock().await;
-        if let Some(id) = fresh() {
-            return Ok(id);
+        let usable = cached
+            .filter(|c| c.expiry.is_none_or(|e| now < e))
+            .map(|c| c.identity);
+        let _one = match (self.loading.try_lock(), &usable) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some(identity)) => return Ok(identity.clone()),
+            (Err(_), None) => self.loading.lock().await,
+        };
+        if let Some(c) = lock(&self.identity).as_ref() {
+            if SystemTime::now() < c.refresh_at {
+                return Ok(c.identity.clone());
+            }
         }
         let Some(provider) = &self.credentials else {
             return Err(GetError::Failed(
@@ -396,38 +441,51 @@ impl LeanS3 {
                 "no AWS credentials provider is configured".into(),
             ));
         };
-        let credentials =
+        let failed =
             match tokio::time::timeout(CREDENTIALS_TIMEOUT, provider.provide_credentials()).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return Err(GetError::Failed(
-                        ErrorClass::Systemic,
-                        format!(
-                            "AWS credentials could not be loaded: {}",
-                            DisplayErrorContext(&e)
-                        ),
-                    ))
+                Ok(Ok(credentials)) => {
+                    let now = SystemTime::now();
+                    let refresh_at = match credentials.expiry() {
+                        Some(expiry) => {
+                            let left = expiry.duration_since(now).unwrap_or(Duration::ZERO);
+                            now + left.saturating_sub(REFRESH_BEFORE.min(left / 2))
+                        }
+                        None => now + NO_EXPIRY_LIFETIME,
+                    };
+                    let expiry = credentials.expiry();
+                    let identity = Identity::from(credentials);
+                    *lock(&self.identity) = Some(Cached {
+                        identity: identity.clone(),
+                        refresh_at,
+                        expiry,
+                    });
+                    return Ok(identity);
                 }
-                Err(_) => {
-                    return Err(GetError::Failed(
-                        ErrorClass::Timeout,
-                        "the AWS credential chain did not answer within 5 s".into(),
-                    ))
-                }
+                // As the SDK's dispatch failure: retried with back-off.
+                Ok(Err(e)) => GetError::Failed(
+                    ErrorClass::Unavailable,
+                    format!(
+                        "AWS credentials could not be loaded: {}",
+                        DisplayErrorContext(&e)
+                    ),
+                ),
+                Err(_) => GetError::Failed(
+                    ErrorClass::Timeout,
+                    "the AWS credential chain did not answer within 5 s".into(),
+                ),
             };
-        let now = Instant::now();
-        let refresh_at = match credentials.expiry() {
-            Some(expiry) => {
-                let left = expiry
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                now + left.saturating_sub(REFRESH_BEFORE.min(left / 2))
+        match usable {
+            Some(identity) => {
+                if let GetError::Failed(_, detail) = &failed {
+                    tracing::warn!(error = %detail, "refreshing AWS credentials failed; signing with the current ones until they expire");
+                }
+                if let Some(c) = lock(&self.identity).as_mut() {
+                    c.refresh_at = SystemTime::now() + RETRY_REFRESH;
+                }
+                Ok(identity)
             }
-            None => now + NO_EXPIRY_LIFETIME,
-        };
-        let identity = Identity::from(credentials);
-        *lock(&self.identity) = Some((identity.clone(), refresh_at));
-        Ok(identity)
+            None => Err(failed),
+        }
     }
 }
 
@@ -515,6 +573,20 @@ mod tests {
         };
         assert_eq!(e.base, "http://127.0.0.1:9000/b");
         assert_eq!(e.host, "127.0.0.1:9000");
+        // The global endpoint signs for us-east-1.
+        let Target::Lean(e) = target("", false, "aws-global", "photos").await else {
+            panic!("expected a lean target")
+        };
+        assert_eq!(e.base, "https://photos.s3.amazonaws.com");
+        assert_eq!(e.signing_region, "us-east-1");
+        // An Outposts access point alias signs as s3-outposts, or is the
+        // SDK's.
+        let alias = "test-accessp-o0b1d075431d83bebde8xz5w8ijx1qzlbp3i3kuse10--op-s3";
+        match target("", false, "us-west-1", alias).await {
+            Target::Lean(e) => assert_eq!(e.signing_name, "s3-outposts", "{e:?}"),
+            Target::Sdk(_) => {}
+            Target::Invalid(why) => panic!("{why}"),
+        }
         // S3 Express directory buckets sign with their own scheme.
         assert!(matches!(
             target("", false, "us-east-1", "bucket--use1-az4--x-s3").await,
@@ -533,11 +605,13 @@ mod tests {
     }
 
     /// A credential source that counts its loads; its credentials expire
-    /// `lifetime` after each load (never, for `None`).
+    /// `lifetime` after each load (never, for `None`); loads after the
+    /// first `good` fail.
     #[derive(Debug)]
     struct Counting {
         loads: Arc<std::sync::atomic::AtomicUsize>,
         lifetime: Option<Duration>,
+        good: usize,
     }
 
     impl ProvideCredentials for Counting {
@@ -547,7 +621,14 @@ mod tests {
         where
             Self: 'a,
         {
-            self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let n = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n >= self.good {
+                return aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+                    aws_credential_types::provider::error::CredentialsError::provider_error(
+                        "the instance metadata service is down",
+                    ),
+                ));
+            }
             aws_credential_types::provider::future::ProvideCredentials::ready(Ok(
                 aws_credential_types::Credentials::new(
                     "AKID",
@@ -560,22 +641,65 @@ mod tests {
         }
     }
 
-    /// Loads after `calls` identity lookups with credentials that live
-    /// `lifetime`.
-    async fn loads(lifetime: Option<Duration>, calls: usize) -> usize {
+    /// A client whose credentials live `lifetime` and fail to load after
+    /// `good` loads, and its count of loads.
+    fn counting(
+        lifetime: Option<Duration>,
+        good: usize,
+    ) -> (LeanS3, Arc<std::sync::atomic::AtomicUsize>) {
         let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counting = Counting {
             loads: counter.clone(),
             lifetime,
+            good,
         };
         let sdk = SdkConfig::builder()
             .credentials_provider(SharedCredentialsProvider::new(counting))
             .build();
-        let lean = LeanS3::new(&sdk, "http://127.0.0.1:1", true);
+        (LeanS3::new(&sdk, "http://127.0.0.1:1", true), counter)
+    }
+
+    /// Loads after `calls` identity lookups with credentials that live
+    /// `lifetime`.
+    async fn loads(lifetime: Option<Duration>, calls: usize) -> usize {
+        let (lean, counter) = counting(lifetime, usize::MAX);
         for _ in 0..calls {
             assert!(lean.identity().await.is_ok());
         }
         counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_signing_with_credentials_not_yet_expired() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (lean, loads) = counting(Some(Duration::from_secs(3600)), 1);
+        assert!(lean.identity().await.is_ok());
+        // Due for a refresh (as five minutes before the expiry), and the
+        // source is down: the credentials in hand are still good.
+        let due = |lean: &LeanS3| {
+            if let Some(c) = lock(&lean.identity).as_mut() {
+                c.refresh_at = SystemTime::now() - Duration::from_secs(1);
+            }
+        };
+        due(&lean);
+        assert!(lean.identity().await.is_ok());
+        assert_eq!(loads.load(SeqCst), 2);
+        // Not asked again at every request, but after a pause.
+        assert!(lean.identity().await.is_ok());
+        assert_eq!(loads.load(SeqCst), 2);
+        // Expired, and the source still down: an error that is retried
+        // (not one that dead-letters the image at once).
+        due(&lean);
+        if let Some(c) = lock(&lean.identity).as_mut() {
+            c.expiry = Some(SystemTime::now() - Duration::from_secs(1));
+        }
+        match lean.identity().await {
+            Err(GetError::Failed(class, detail)) => {
+                assert!(class.retryable(), "{class:?}");
+                assert!(detail.contains("metadata service is down"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
