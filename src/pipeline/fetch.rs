@@ -1,9 +1,8 @@
 //! Fetch: S3 GetObject with a size cap checked before the body is read,
 //! retries on throttling and 5xx, and a magic-byte check.
 
-use std::time::{Duration, Instant};
-
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use bytes::{Bytes, BytesMut};
