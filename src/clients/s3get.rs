@@ -117,7 +117,6 @@ pub enum GetError {
 }
 
 /// Credentials as signed with, and when to load them again.
-#[derive(Clone)]
 struct Cached {
     identity: Identity,
     refresh_at: SystemTime,
@@ -407,6 +406,14 @@ impl LeanS3 {
         aws_smithy_runtime_api::http::Request::try_from(request).map_err(|e| unsignable(&e))
     }
 
+    /// The cached identity, if it is not due for a refresh at `now`.
+    fn fresh(&self, now: SystemTime) -> Option<Identity> {
+        lock(&self.identity)
+            .as_ref()
+            .filter(|c| now < c.refresh_at)
+            .map(|c| c.identity.clone())
+    }
+
     /// The cached identity, loaded from the credential chain when missing
     /// or about to expire. Wall-clock times, as the credentials' expiry
     /// is (a host suspended for a while must not trust a monotonic clock).
@@ -415,25 +422,21 @@ impl LeanS3 {
     /// the others keep signing with the cached identity until it actually
     /// expires: a credential source that fails for a moment costs nothing.
     async fn identity(&self) -> Result<Identity, GetError> {
-        let cached = lock(&self.identity).clone();
         let now = SystemTime::now();
-        if let Some(c) = &cached {
-            if now < c.refresh_at {
-                return Ok(c.identity.clone());
-            }
+        if let Some(identity) = self.fresh(now) {
+            return Ok(identity);
         }
-        let usable = cached
+        let usable = lock(&self.identity)
+            .as_ref()
             .filter(|c| c.expiry.is_none_or(|e| now < e))
-            .map(|c| c.identity);
+            .map(|c| c.identity.clone());
         let _one = match (self.loading.try_lock(), &usable) {
             (Ok(guard), _) => guard,
             (Err(_), Some(identity)) => return Ok(identity.clone()),
             (Err(_), None) => self.loading.lock().await,
         };
-        if let Some(c) = lock(&self.identity).as_ref() {
-            if SystemTime::now() < c.refresh_at {
-                return Ok(c.identity.clone());
-            }
+        if let Some(identity) = self.fresh(SystemTime::now()) {
+            return Ok(identity);
         }
         let Some(provider) = &self.credentials else {
             return Err(GetError::Failed(

@@ -610,6 +610,32 @@ mod tests {
         queue: usize,
         rounds: usize,
     ) -> Vec<usize> {
+        drive_with(aimd, t, capacity, queue, 0.0, rounds)
+    }
+
+    /// As `drive`, without throttling, each call's RTT off by up to
+    /// `noise` (a fraction) either way, as calls of unequal images are.
+    fn drive_noisy(
+        aimd: &mut Aimd,
+        t: &mut Instant,
+        capacity: usize,
+        noise: f64,
+        rounds: usize,
+    ) -> Vec<usize> {
+        drive_with(aimd, t, capacity, usize::MAX - capacity, noise, rounds)
+    }
+
+    /// `drive`, with each call's RTT off by up to `noise` either way; the
+    /// calls end in order of their RTTs.
+    fn drive_with(
+        aimd: &mut Aimd,
+        t: &mut Instant,
+        capacity: usize,
+        queue: usize,
+        noise: f64,
+        rounds: usize,
+    ) -> Vec<usize> {
+        let mut rng = fastrand::Rng::with_seed(7);
         let service = Duration::from_millis(50);
         let mut seen = Vec::new();
         for _ in 0..rounds {
@@ -619,16 +645,23 @@ mod tests {
             }
             // Calls beyond capacity wait whole service times.
             let waves = n.div_ceil(capacity) as u32;
-            let rtt = service * waves;
-            *t += rtt;
-            for i in 0..n {
+            let base = service * waves;
+            let mut rtts: Vec<Duration> = (0..n)
+                .map(|_| match noise {
+                    0.0 => base,
+                    _ => base.mul_f64(1.0 + noise * (2.0 * rng.f64() - 1.0)),
+                })
+                .collect();
+            rtts.sort();
+            for (i, rtt) in rtts.iter().enumerate() {
                 let outcome = if i >= capacity + queue {
                     Outcome::Throttled
                 } else {
                     Outcome::Answered
                 };
-                aimd.ended(*t, rtt, outcome);
+                aimd.ended(*t + *rtt, *rtt, outcome);
             }
+            *t += rtts[rtts.len() - 1];
             seen.push(aimd.limit());
         }
         seen
@@ -668,37 +701,6 @@ mod tests {
         t += Duration::from_millis(60);
         aimd.ended(t, Duration::from_millis(50), Outcome::Throttled);
         assert_eq!(aimd.limit(), 16);
-    }
-
-    /// As `drive`, without throttling, each call's RTT off by up to
-    /// `noise` (a fraction) either way, as calls of unequal images are.
-    fn drive_noisy(
-        aimd: &mut Aimd,
-        t: &mut Instant,
-        capacity: usize,
-        noise: f64,
-        rounds: usize,
-    ) -> Vec<usize> {
-        let mut rng = fastrand::Rng::with_seed(7);
-        let service = Duration::from_millis(50);
-        let mut seen = Vec::new();
-        for _ in 0..rounds {
-            let n = aimd.limit();
-            for i in 1..=n {
-                aimd.started(*t, i);
-            }
-            let waves = n.div_ceil(capacity) as u32;
-            let mut rtts: Vec<Duration> = (0..n)
-                .map(|_| (service * waves).mul_f64(1.0 + noise * (2.0 * rng.f64() - 1.0)))
-                .collect();
-            rtts.sort();
-            for rtt in &rtts {
-                aimd.ended(*t + *rtt, *rtt, Outcome::Answered);
-            }
-            *t += rtts[rtts.len() - 1];
-            seen.push(aimd.limit());
-        }
-        seen
     }
 
     #[test]

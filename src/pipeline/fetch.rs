@@ -260,9 +260,7 @@ impl Fetcher {
             duration: start.elapsed(),
         }))
     }
-}
 
-impl Fetcher {
     /// GetObject through the SDK, its answer as the lean path gives it.
     async fn sdk_get(&self, img: &ImageRef) -> Result<Object, GetError> {
         let mut req = self.client.get_object().bucket(&img.bucket).key(&img.key);

@@ -642,6 +642,21 @@ async fn batch_mode_isolates_the_image_the_model_rejects() {
     );
 }
 
+/// Uploads `n` images, starts the service in `mode` with `extra`, and waits
+/// until each image has exactly one prediction and none was dead-lettered.
+async fn classify_all(stack: &Stack, n: usize, mode: &str, extra: &[(&str, &str)]) -> ServiceProc {
+    let (uploads, events) = upload_images(stack, n, mode).await;
+    stack.produce(&events).await;
+    let mut settings = vec![("ENDPOINT__MODE", mode)];
+    settings.extend_from_slice(extra);
+    let service = stack.service(&settings).await;
+    let mut out = stack.collector();
+    out.all_predicted(stack, uploads.len(), MINUTE).await;
+    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
+    assert_exactly_one_prediction_each(&uploads, &out.records);
+    service
+}
+
 /// An endpoint with two workers that throttles every call beyond them, and
 /// images with five attempts each (the fewest the circuit allows):
 /// adaptive concurrency finds the endpoint's capacity, and throttling costs
@@ -653,20 +668,17 @@ async fn adaptive_concurrency_learns_an_endpoint_that_throttles_beyond_two_worke
         ..Faults::default()
     };
     let stack = Stack::start_with_workers(faults, 2, Some(0)).await;
-    let (uploads, events) = upload_images(&stack, 300, "per-image").await;
-    stack.produce(&events).await;
-    let service = stack
-        .service(&[
-            ("ENDPOINT__MODE", "per-image"),
+    let service = classify_all(
+        &stack,
+        300,
+        "per-image",
+        &[
             ("ENDPOINT__CONCURRENCY", "adaptive"),
             ("ENDPOINT__MAX_CONCURRENCY", "32"),
             ("ENDPOINT__MAX_ATTEMPTS", "5"),
-        ])
-        .await;
-    let mut out = stack.collector();
-    out.all_predicted(&stack, uploads.len(), MINUTE).await;
-    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
-    assert_exactly_one_prediction_each(&uploads, &out.records);
+        ],
+    )
+    .await;
 
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &stack.endpoint.stats;
@@ -700,20 +712,17 @@ async fn faulty_endpoint(mode: &str) {
         ..Faults::default()
     };
     let stack = Stack::start(faults).await;
-    let (uploads, events) = upload_images(&stack, 80, mode).await;
-    stack.produce(&events).await;
-    let service = stack
-        .service(&[
-            ("ENDPOINT__MODE", mode),
+    let service = classify_all(
+        &stack,
+        80,
+        mode,
+        &[
             ("ENDPOINT__MAX_ATTEMPTS", "12"),
             ("ENDPOINT__TIMEOUT", "1s"),
             ("BATCH__MAX_IMAGES", "4"),
-        ])
-        .await;
-    let mut out = stack.collector();
-    out.all_predicted(&stack, uploads.len(), MINUTE).await;
-    assert!(out.on(DEAD).is_empty(), "{}", summary(&out.records));
-    assert_exactly_one_prediction_each(&uploads, &out.records);
+        ],
+    )
+    .await;
 
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &stack.endpoint.stats;
